@@ -1,0 +1,4 @@
+from .config import VoiceEncConfig
+from .voice_encoder import VoiceEncoder
+
+__all__ = ["VoiceEncoder", "VoiceEncConfig"]
