@@ -1,0 +1,3 @@
+from .tokenizer import EnTokenizer, MTLTokenizer
+
+__all__ = ["EnTokenizer", "MTLTokenizer"]
