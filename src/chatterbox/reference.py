@@ -1,0 +1,156 @@
+"""Reference audio for voice cloning: loading with clear errors, and loudness normalisation.
+
+`load_reference(path_or_array, target_sr)` returns mono float32 at `target_sr` or raises:
+
+| input | outcome |
+| --- | --- |
+| path that does not exist | `FileNotFoundError` |
+| a directory, or a file that is not decodable audio (corrupt, text renamed .wav, ...) | `ValueError` naming the file |
+| NaN or infinite samples | `ValueError` |
+| shorter than `min_seconds` (default 1 s; Turbo passes 5) | `ValueError` naming the duration |
+| silent: peak below 1e-4 or RMS below 1e-5 | `ValueError` |
+| any sample rate, mono or multi-channel | resampled (librosa, soxr_hq) and averaged to mono |
+
+`norm_loudness(wav, sr, target_lufs=-27)` is Turbo's reference normalisation: ITU-R BS.1770 integrated
+loudness (K-weighting, 400 ms blocks with 75 % overlap, -70 LUFS absolute and -10 LU relative gates,
+as pyloudnorm computes it) and one gain to reach `target_lufs`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from scipy.signal import lfilter
+
+logger = logging.getLogger(__name__)
+
+SILENCE_PEAK = 1e-4
+SILENCE_RMS = 1e-5
+AudioInput = Union[str, os.PathLike, np.ndarray]
+
+
+def _to_mono(wav: np.ndarray) -> np.ndarray:
+    # 2-D arrays: the shorter axis holds the channels ((C, N) as librosa, or (N, C) as soundfile)
+    if wav.ndim == 1:
+        return wav
+    if wav.ndim != 2:
+        raise ValueError(f"reference audio must be 1-D or 2-D (channels x samples), got shape {wav.shape}")
+    return wav.mean(axis=0 if wav.shape[0] <= wav.shape[1] else 1)
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    import librosa
+
+    if not path.exists():
+        raise FileNotFoundError(f"reference audio not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"reference audio {path} is not a file")
+    try:
+        with warnings.catch_warnings():  # librosa's soundfile -> audioread fallback chatter
+            warnings.filterwarnings("ignore", message="PySoundFile failed")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            wav, sr = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)  # (N,) or (C, N)
+    except Exception as e:  # soundfile / audioread raise many types; all mean "not audio we can read"
+        raise ValueError(f"could not read {path} as audio ({type(e).__name__}: {e})") from e
+    return (wav.mean(axis=0) if wav.ndim == 2 else wav), int(sr)
+
+
+def load_reference(
+    path_or_array: AudioInput,
+    target_sr: int,
+    min_seconds: float = 1.0,
+    array_sr: int | None = None,
+) -> np.ndarray:
+    """Mono float32 reference at `target_sr` from a file path or an array (at `array_sr`, default `target_sr`)."""
+    if isinstance(path_or_array, (str, os.PathLike)):
+        name = str(path_or_array)
+        wav, sr = _decode(Path(path_or_array))
+    else:
+        name = "reference array"
+        if hasattr(path_or_array, "detach"):  # a torch tensor
+            path_or_array = path_or_array.detach().cpu().numpy()
+        wav, sr = _to_mono(np.asarray(path_or_array, dtype=np.float32)), array_sr or target_sr
+    if not np.isfinite(wav).all():
+        raise ValueError(f"{name} contains NaN or infinite samples")
+    if sr != target_sr and len(wav):
+        import librosa
+
+        wav = librosa.resample(wav, orig_sr=sr, target_sr=target_sr)  # soxr_hq, as librosa.load
+    wav = np.ascontiguousarray(wav, dtype=np.float32)
+    seconds = len(wav) / target_sr
+    if seconds < min_seconds:
+        raise ValueError(f"{name} is {seconds:.2f} s long; a voice reference needs at least {min_seconds:g} s")
+    peak = float(np.abs(wav).max())
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
+    if peak < SILENCE_PEAK or rms < SILENCE_RMS:
+        raise ValueError(f"{name} is silent (peak {peak:.2e}, RMS {rms:.2e}); record a voice reference with speech")
+    return wav
+
+
+# --- loudness (ITU-R BS.1770-4, the way pyloudnorm's Meter computes it) -----------------------------
+
+
+def _biquad(kind: str, gain_db: float, q: float, fc: float, sr: int) -> tuple[np.ndarray, np.ndarray]:
+    # Audio-EQ-cookbook biquads; K-weighting = high shelf (+4 dB above ~1.5 kHz) then a 38 Hz high-pass.
+    a_lin = 10 ** (gain_db / 40)
+    w0 = 2 * math.pi * fc / sr
+    cos, alpha = math.cos(w0), math.sin(w0) / (2 * q)
+    if kind == "high_shelf":
+        s = 2 * math.sqrt(a_lin) * alpha
+        b = [a_lin * ((a_lin + 1) + (a_lin - 1) * cos + s), -2 * a_lin * ((a_lin - 1) + (a_lin + 1) * cos),
+             a_lin * ((a_lin + 1) + (a_lin - 1) * cos - s)]
+        a = [(a_lin + 1) - (a_lin - 1) * cos + s, 2 * ((a_lin - 1) - (a_lin + 1) * cos),
+             (a_lin + 1) - (a_lin - 1) * cos - s]
+    elif kind == "high_pass":
+        b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
+        a = [1 + alpha, -2 * cos, 1 - alpha]
+    else:
+        raise ValueError(kind)
+    return np.array(b) / a[0], np.array(a) / a[0]
+
+
+def integrated_loudness(wav: np.ndarray, sr: int, block_s: float = 0.4, overlap: float = 0.75) -> float:
+    """Integrated loudness in LUFS of a mono or (N, C) signal; -inf when every block is gated out."""
+    x = np.asarray(wav, dtype=np.float64)
+    x = x[:, None] if x.ndim == 1 else x  # (N, C); all channels weighted 1 (no surround channels)
+    if x.shape[0] < block_s * sr:
+        raise ValueError(f"loudness needs at least {block_s} s of audio, got {x.shape[0] / sr:.3f} s")
+    for kind, g, q, fc in (("high_shelf", 4.0, 1 / math.sqrt(2), 1500.0), ("high_pass", 0.0, 0.5, 38.0)):
+        b, a = _biquad(kind, g, q, fc, sr)
+        x = lfilter(b, a, x, axis=0)
+    frac = 1 - overlap  # block hop as a fraction of the block
+    n_blocks = int(round((x.shape[0] / sr - block_s) / (block_s * frac))) + 1
+    power = np.empty(n_blocks)  # mean square per block, summed over channels
+    sq = np.square(x).sum(axis=1)
+    for j in range(n_blocks):
+        lo, hi = int(block_s * (j * frac) * sr), int(block_s * (j * frac + 1) * sr)
+        power[j] = sq[lo:hi].sum() / (block_s * sr)
+    with np.errstate(divide="ignore"):
+        block_lufs = -0.691 + 10 * np.log10(power)
+    keep = block_lufs >= -70.0  # absolute gate
+    if not keep.any():
+        return -math.inf
+    relative = -0.691 + 10 * math.log10(power[keep].mean()) - 10.0
+    keep &= block_lufs > relative  # relative gate
+    if not keep.any():
+        return -math.inf
+    return -0.691 + 10 * math.log10(power[keep].mean())
+
+
+def norm_loudness(wav: np.ndarray, sr: int, target_lufs: float = -27.0) -> np.ndarray:
+    """Scale `wav` to `target_lufs` integrated loudness; unchanged (with a log line) if not measurable."""
+    try:
+        gain = 10.0 ** ((target_lufs - integrated_loudness(wav, sr)) / 20.0)
+    except ValueError as e:  # shorter than one 400 ms block
+        logger.warning("norm_loudness skipped: %s", e)
+        return wav
+    if not (math.isfinite(gain) and gain > 0.0):  # silent signal: loudness -inf
+        logger.warning("norm_loudness skipped: loudness not measurable (silent input)")
+        return wav
+    return wav * np.float32(gain) if wav.dtype == np.float32 else wav * gain
