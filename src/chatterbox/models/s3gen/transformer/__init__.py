@@ -1,0 +1,1 @@
+"""Conformer pieces of the S3Gen flow encoder (`flow.encoder`)."""
