@@ -65,6 +65,28 @@ class T3(nn.Module):
         # The runtime may replace this with a compiled version of `_decode_one_token` (same signature).
         self.decode_step: Callable = self._decode_one_token
 
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, hp: Optional[T3Config] = None, *, strict: bool = True) -> "T3":
+        """Build a T3 directly from a checkpoint dict: no random init, weights assigned (fast loading).
+
+        Turbo/Nano checkpoints carry the unused GPT-2 token embedding `tfmr.wte.weight`; it is
+        accepted and dropped, as upstream's loader does after its strict load.
+        """
+        hp = hp if hp is not None else T3Config.english_only()
+        with torch.device("meta"):
+            model = cls(hp)
+        if "model" in state_dict and not torch.is_tensor(state_dict["model"]):  # legacy wrapping
+            state_dict = state_dict["model"][0]
+        model.load_state_dict(state_dict, strict=strict, assign=True)
+        if model.is_gpt and hasattr(model.tfmr, "wte"):
+            del model.tfmr.wte
+        if hasattr(model.tfmr, "rotary_emb"):  # non-persistent RoPE tables: recompute from the config
+            model.tfmr.rotary_emb = type(model.tfmr.rotary_emb)(config=model.cfg)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise ValueError(f"checkpoint is missing tensors: {leftover[:5]}{' ...' if len(leftover) > 5 else ''}")
+        return model.eval()
+
     @property
     def device(self) -> torch.device:
         return self.speech_head.weight.device
@@ -223,6 +245,28 @@ class T3(nn.Module):
                 on_step(s + 2)
         return trim_after_stop(torch.cat(out), self.hp.stop_speech_token, keep_stop)
 
+    def prefill_embeds(self, t3_cond: T3Cond, text_tokens: Tensor, *, cfg_weight: float = 0.0,
+                       initial_speech_tokens: Optional[Tensor] = None) -> Tensor:
+        """The backbone's first input as upstream's loops build it: (B, L0, D), B = 2 with CFG.
+
+        Llama: [cond | text | start-of-speech] plus the start token appended again (both at speech
+        position 0). GPT-2: [cond | text | start-of-speech].
+        """
+        device = self.device
+        text = torch.atleast_2d(text_tokens).to(device=device, dtype=torch.long)[:1]
+        B = 2 if (cfg_weight > 0.0 and not self.is_gpt) else 1
+        text = text.expand(B, -1)
+        if initial_speech_tokens is None:
+            speech = torch.full((B, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
+        else:
+            speech = torch.atleast_2d(initial_speech_tokens).to(device=device, dtype=torch.long)[:1].expand(B, -1)
+        embeds, _ = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text, speech_tokens=speech,
+                                              cfg_weight=cfg_weight if not self.is_gpt else 0.0)
+        if self.is_gpt:
+            return embeds
+        bos_emb = self.speech_emb.weight[self.hp.start_speech_token] + self.speech_pos_emb.emb.weight[0]
+        return torch.cat([embeds, bos_emb.view(1, 1, -1).expand(B, 1, -1)], dim=1)
+
     @torch.inference_mode()
     def inference(self, *, t3_cond: T3Cond, text_tokens: Tensor, initial_speech_tokens: Optional[Tensor] = None,
                   prepend_prompt_speech_tokens: Optional[Tensor] = None, num_return_sequences: int = 1,
@@ -246,16 +290,8 @@ class T3(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         device = self.device
-        text = torch.atleast_2d(text_tokens).to(device=device, dtype=torch.long)[:1]
         use_cfg = cfg_weight > 0.0
-        B = 2 if use_cfg else 1
-        text = text.expand(B, -1)
-        bos = torch.full((B, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
-        speech = bos if initial_speech_tokens is None else torch.atleast_2d(initial_speech_tokens).to(device)[:1].expand(B, -1)
-        embeds, _ = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text, speech_tokens=speech, cfg_weight=cfg_weight)
-        bos_emb = self.speech_emb.weight[self.hp.start_speech_token] + self.speech_pos_emb.emb.weight[0]
-        prefill = torch.cat([embeds, bos_emb.view(1, 1, -1).expand(B, 1, -1)], dim=1)  # upstream feeds BOS twice
-
+        prefill = self.prefill_embeds(t3_cond, text_tokens, cfg_weight=cfg_weight, initial_speech_tokens=initial_speech_tokens)
         spec = sampling.SamplerSpec.llama(cfg=use_cfg, temperature=temperature, min_p=min_p, top_p=top_p,
                                           repetition_penalty=repetition_penalty)
         params = sampling.make_params(cfg_weight=cfg_weight, repetition_penalty=float(repetition_penalty),
@@ -277,9 +313,7 @@ class T3(nn.Module):
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         device = self.device
-        text = torch.atleast_2d(text_tokens).to(device=device, dtype=torch.long)[:1]
-        bos = torch.full((1, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
-        prefill, _ = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text, speech_tokens=bos, cfg_weight=0.0)
+        prefill = self.prefill_embeds(t3_cond, text_tokens)
         spec = sampling.SamplerSpec.gpt(temperature=temperature, top_k=top_k, top_p=top_p,
                                         repetition_penalty=repetition_penalty)
         params = sampling.make_params(repetition_penalty=float(repetition_penalty), temperature=temperature,
