@@ -186,3 +186,16 @@ def test_turbo_files_load_with_autotokenizer(tmp_path, ckpt):
     assert tok.decode(ids[0]) == text
     for tag in TURBO_TAGS:
         assert len(tok(tag)["input_ids"]) == 1, tag
+
+
+def test_segmenter_load_failure_only_warns(mtl, monkeypatch, caplog):
+    fake = types.ModuleType("spacy_pkuseg")
+
+    def pkuseg():
+        raise OSError("could not download the default model")
+
+    fake.pkuseg = pkuseg
+    monkeypatch.setitem(sys.modules, "spacy_pkuseg", fake)
+    with caplog.at_level(logging.WARNING):
+        assert mtl.cangjie_converter("中") == "[cj_l][cj_.]"
+    assert "could not download" in caplog.text

@@ -133,6 +133,11 @@ class _Lazy:
                     self.tried = False
                     raise ImportError(f"{self.what} needs an optional package ({e}); run {MULTILINGUAL_HINT}") from e
                 logger.warning("%s unavailable (%s); skipping that step", self.what, e)
+            except Exception as e:  # e.g. a model download inside the package failed
+                if self.required:
+                    self.tried = False
+                    raise
+                logger.warning("%s failed to load (%s); skipping that step", self.what, e)
         return self.obj
 
 

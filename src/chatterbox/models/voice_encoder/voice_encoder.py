@@ -131,7 +131,7 @@ class VoiceEncoder(nn.Module):
             mels = torch.from_numpy(pack(mels))
         elif mel_lens is None:
             mel_lens = [mels.shape[1]] * mels.shape[0]
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may keep and modify the result
             return self.inference(mels.to(self.device), mel_lens, batch_size=batch_size, **kwargs)
 
     def embeds_from_mels(
