@@ -7,7 +7,7 @@
 | path that does not exist | `FileNotFoundError` |
 | a directory, or a file that is not decodable audio (corrupt, text renamed .wav, ...) | `ValueError` naming the file |
 | NaN or infinite samples | `ValueError` |
-| shorter than `min_seconds` (default 1 s; Turbo passes 5) | `ValueError` naming the duration |
+| shorter than `min_seconds` (default 1 s; Turbo passes 5) | `ValueError` naming the duration (exactly 5 s passes; upstream Turbo asserts > 5 s) |
 | silent: peak below 1e-4 or RMS below 1e-5 | `ValueError` |
 | any sample rate, mono or multi-channel | resampled (librosa, soxr_hq) and averaged to mono |
 

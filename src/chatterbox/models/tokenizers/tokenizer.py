@@ -4,6 +4,9 @@ Both wrap a HuggingFace `tokenizers` JSON file and encode spaces as the literal 
 Token ids come back as an int32 (1, T) CPU tensor; the caller adds the start (255) and stop (0)
 text tokens.
 
+Loading: a missing file -> `FileNotFoundError`; a file that is not tokenizer JSON -> `ValueError`;
+a vocabulary without `[START]` or `[STOP]` -> `ValueError` naming them (upstream: a bare assert).
+
 Optional language packages (multilingual only), and what happens when they are missing:
 
 | language | package | missing package |
