@@ -22,7 +22,7 @@ import string
 import unicodedata
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 EN_TOKENIZER_FILE = "tokenizer.json"
 MTL_TOKENIZER_FILE = "grapheme_mtl_merged_expanded_v1.json"
@@ -171,13 +171,13 @@ def write_turbo_tokenizer(directory: str | Path) -> Path:
     merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TURBO_MERGES)
     (directory / "merges.txt").write_text(merges, encoding="utf-8")
 
-    def added(i: int, content: str, special: bool) -> dict:
+    def added(content: str, special: bool) -> dict:
         return {"content": content, "lstrip": False, "rstrip": False, "normalized": not special,
                 "single_word": False, "special": special}
 
-    decoder = {str(vocab[eos]): added(vocab[eos], eos, True)}
+    decoder = {str(vocab[eos]): added(eos, True)}
     for i, tag in enumerate(TURBO_TAGS):
-        decoder[str(len(vocab) + i)] = added(len(vocab) + i, tag, False)
+        decoder[str(len(vocab) + i)] = added(tag, False)
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "add_prefix_space": False,
