@@ -76,3 +76,87 @@ def test_wav(sr: int, seconds: float, seed: int) -> torch.Tensor:
 
 
 test_wav.__test__ = False  # not a pytest test
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directories with upstream's file names, filled by the rule (tests, demo, benchmark)
+
+CHECKPOINT_KINDS = ("english", "turbo", "nano", "multilingual")
+
+
+def _det_t3_state(hp, salt: int) -> dict[str, torch.Tensor]:
+    from .models.t3 import T3
+
+    with torch.device("meta"):
+        shell = T3(hp)
+    return det_state_dict(shell, salt)  # GPT-2 variants keep tfmr.wte.weight, as released files do
+
+
+def write_checkpoint(kind: str, directory, *, salt: int = 0, with_conds: bool = True, ref_seconds: float = 6.0):
+    """Write a complete checkpoint directory for `kind` (english, turbo, nano, multilingual).
+
+    Upstream's file names and tensor layouts, every weight from the deterministic rule, small but
+    real tokenizers, and (with_conds) a `conds.pt` built-in voice prepared from `test_wav`.
+    Returns the directory as a Path.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .models.s3gen import S3Gen
+    from .models.t3.modules.t3_config import T3Config
+    from .models.voice_encoder import VoiceEncoder
+    from .testing_tokenizers import write_cangjie_map, write_en_tokenizer, write_mtl_tokenizer, write_turbo_tokenizer
+
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ve = det_state_dict(VoiceEncoder(), salt)
+    s3 = det_state_dict(S3Gen(meanflow=kind in ("turbo", "nano")), salt)
+    s3 = {k: v.contiguous() for k, v in s3.items()}
+    if kind == "english":
+        save_file(ve, str(d / "ve.safetensors"))
+        save_file(_det_t3_state(T3Config.english_only(), salt), str(d / "t3_cfg.safetensors"))
+        save_file(s3, str(d / "s3gen.safetensors"))
+        write_en_tokenizer(d)
+    elif kind in ("turbo", "nano"):
+        save_file(ve, str(d / "ve.safetensors"))
+        hp = T3Config.nano() if kind == "nano" else T3Config.turbo()
+        save_file(_det_t3_state(hp, salt), str(d / ("t3_nano_v1.safetensors" if kind == "nano" else "t3_turbo_v1.safetensors")))
+        save_file(s3, str(d / "s3gen_meanflow.safetensors"))
+        write_turbo_tokenizer(d)
+    else:
+        torch.save(ve, str(d / "ve.pt"))
+        save_file(_det_t3_state(T3Config.multilingual(), salt), str(d / "t3_mtl23ls_v2.safetensors"))
+        torch.save(s3, str(d / "s3gen.pt"))
+        write_mtl_tokenizer(d)
+        write_cangjie_map(d)
+    del ve, s3
+    if with_conds:
+        import soundfile as sf
+
+        ref = d / "_ref.wav"
+        sf.write(str(ref), test_wav(24000, ref_seconds, seed=4321).numpy(), 24000, subtype="FLOAT")
+        model = load_checkpoint(kind, d, "cpu", watermark=False)
+        model.prepare_conditionals(str(ref))
+        model.conds.save(d / "conds.pt")
+        ref.unlink()
+    return d
+
+
+def load_checkpoint(kind: str, directory, device: str = "cpu", **kwargs):
+    """`from_local` of the public class that serves `kind`."""
+    if kind == "english":
+        from .tts import ChatterboxTTS
+
+        return ChatterboxTTS.from_local(directory, device, **kwargs)
+    if kind in ("turbo", "nano"):
+        from .tts_turbo import ChatterboxTurboTTS
+
+        return ChatterboxTurboTTS.from_local(directory, device, nano=kind == "nano", **kwargs)
+    if kind == "multilingual":
+        from .mtl_tts import ChatterboxMultilingualTTS
+
+        return ChatterboxMultilingualTTS.from_local(directory, device, **kwargs)
+    raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")

@@ -77,6 +77,8 @@ class T3(nn.Module):
             model = cls(hp)
         if "model" in state_dict and not torch.is_tensor(state_dict["model"]):  # legacy wrapping
             state_dict = state_dict["model"][0]
+        dtype = torch.get_default_dtype()  # upstream copies every checkpoint into float32 parameters
+        state_dict = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=strict, assign=True)
         if model.is_gpt and hasattr(model.tfmr, "wte"):
             del model.tfmr.wte
