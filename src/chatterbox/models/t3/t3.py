@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 from transformers.cache_utils import StaticCache
@@ -60,6 +61,7 @@ class T3(nn.Module):
         object.__setattr__(self, "_backend", T3HuggingfaceBackend(self.cfg, self.tfmr, self.speech_emb, self.speech_head))
         self._caches: "OrderedDict[tuple, StaticCache]" = OrderedDict()
         self._cache: Optional[StaticCache] = None
+        self._noise_buf: Optional[Tensor] = None
         self.cache_pool_size = 2  # static caches kept alive (one per batch size / bucket / dtype / device)
         self.stop_check_interval = 8  # steps between looks at the device-side stop flag
         # The runtime may replace this with a compiled version of `_decode_one_token` (same signature).
@@ -214,6 +216,20 @@ class T3(nn.Module):
         self._cache = cache
         return max_cache_len
 
+    def _sampling_noise(self, rows: int, generator: Optional[torch.Generator], greedy: bool) -> Tensor:
+        """Gumbel noise for `rows` draws in a persistent buffer (a fixed address keeps CUDA graphs valid)."""
+        buf = self._noise_buf
+        if buf is None or buf.shape[0] < rows or buf.device != self.device:
+            buf = torch.empty(cache_bucket(rows), self.hp.speech_tokens_dict_size, device=self.device)
+            if self.device.type == "cuda":
+                torch._dynamo.mark_static_address(buf)
+            self._noise_buf = buf
+        if greedy:
+            buf[:rows].zero_()
+        else:
+            sampling.fill_gumbel_(buf[:rows], generator)
+        return buf
+
     def _decode(self, prefill: Tensor, *, seen: Tensor, spec: sampling.SamplerSpec, params: Tensor,
                 max_new_tokens: int, generator: Optional[torch.Generator], greedy: bool,
                 max_cache_len: Optional[int], reset_seen_after_first: bool, keep_stop: bool,
@@ -222,10 +238,7 @@ class T3(nn.Module):
         device, B, L0 = prefill.device, prefill.shape[0], prefill.shape[1]
         V = self.hp.speech_tokens_dict_size
         self._activate_cache(B, L0 + max_new_tokens, max_cache_len)
-        if greedy:
-            gumbel = torch.zeros(max_new_tokens + 1, V, device=device)
-        else:
-            gumbel = sampling.gumbel_noise(max_new_tokens + 1, V, generator=generator, device=device)
+        gumbel = self._sampling_noise(max_new_tokens + 1, generator, greedy)
         steps = torch.arange(max_new_tokens, device=device)
         base = torch.full((1,), L0, dtype=torch.long, device=device)
 
@@ -242,7 +255,7 @@ class T3(nn.Module):
             if s % self.stop_check_interval == 0 and watcher.poll(done):
                 break
             token, seen, done = self.decode_step(token, seen, done, steps[s:s + 1], base, params, gumbel, spec, B)
-            out.append(token)
+            out.append(token.clone())  # under CUDA graphs the step's outputs are overwritten by the next replay
             if on_step is not None:
                 on_step(s + 2)
         return trim_after_stop(torch.cat(out), self.hp.stop_speech_token, keep_stop)

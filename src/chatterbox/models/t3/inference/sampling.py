@@ -130,7 +130,6 @@ def sample(logits: Tensor, gumbel: Tensor) -> Tensor:
     return torch.argmax(logits + gumbel, dim=-1)
 
 
-def gumbel_noise(n: int, vocab: int, *, generator: torch.Generator | None, device) -> Tensor:
-    """(n, V) Gumbel noise -log(E), E ~ Exp(1), drawn from `generator` on `device` (outside compiled code)."""
-    e = torch.empty(n, vocab, dtype=torch.float32, device=device).exponential_(generator=generator)
-    return -torch.log(e)
+def fill_gumbel_(buf: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Fill `buf` (n, V) in place with Gumbel noise -log(E), E ~ Exp(1), from `generator` (outside compiled code)."""
+    return buf.exponential_(generator=generator).log_().neg_()

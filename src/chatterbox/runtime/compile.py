@@ -1,0 +1,98 @@
+"""Compile policy: the one switch that makes a loaded model fast (`model.compile()`), and warm-up.
+
+What it does, per model:
+- T3: `torch.compile(T3._decode_one_token, fullgraph=True)`; on CUDA with `mode="reduce-overhead"`,
+  so the whole decode step (backbone + sampling) replays as a CUDA graph. One graph per static
+  cache bucket; the prefill stays eager (variable length).
+- S3Gen: the flow encoder, the CFM estimator and HiFT's decode compiled (`fullgraph=True`) over
+  padded token-length buckets, so a request of a new length inside warmed buckets never recompiles.
+- Optional dtype for T3 (bfloat16 on GPU); sampling math stays float32. S3Gen stays float32
+  unless `s3gen_dtype` is given.
+
+Global settings touched, only when this is called (importing chatterbox changes nothing):
+`torch._dynamo.config.cache_size_limit` is raised to fit the buckets, and with `cache_dir` the
+inductor cache directory (`TORCHINDUCTOR_CACHE_DIR`) is set so compiled kernels persist.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTypeLike = Union[str, torch.dtype, None]
+
+
+def _dtype(d: DTypeLike) -> Optional[torch.dtype]:
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[d]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {d!r}; use float32, bfloat16 or float16") from None
+
+
+def configure_dynamo(cache_size_limit: int = 64, cache_dir: Optional[str] = None) -> None:
+    """Raise dynamo's recompile limit so every bucket fits; optionally persist inductor's cache in `cache_dir`."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, cache_size_limit)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4 * cache_size_limit)
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+
+
+def compile_t3(t3, *, mode: Optional[str] = None, dtype: DTypeLike = None) -> None:
+    """Compile T3's decode step (backbone step + on-device sampling) as one full graph."""
+    dt = _dtype(dtype)
+    if dt is not None and dt != t3.dtype:
+        t3.to(dt)
+        t3._caches.clear()  # caches are per dtype
+    if mode is None:
+        mode = "reduce-overhead" if t3.device.type == "cuda" else "default"
+    t3.decode_step = torch.compile(t3._decode_one_token, fullgraph=True, mode=mode)
+
+
+def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None, t3: bool = True,
+                  s3gen: bool = True, s3gen_dtype: DTypeLike = None, buckets: Optional[Sequence[int]] = None,
+                  cache_dir: Optional[str] = None, cache_size_limit: int = 64) -> None:
+    """Compile the parts of a loaded Chatterbox model (see the module docstring for what and how)."""
+    configure_dynamo(cache_size_limit, cache_dir)
+    if dtype is None and getattr(model, "device", "cpu").startswith("cuda"):
+        dtype = torch.bfloat16
+    if t3 and getattr(model, "t3", None) is not None:
+        compile_t3(model.t3, mode=mode, dtype=dtype)
+    if s3gen and getattr(model, "s3gen", None) is not None:
+        compile_s3gen = getattr(model.s3gen, "compile", None)
+        if compile_s3gen is None:
+            logger.warning("this S3Gen has no compile() hook; it stays eager")
+        else:
+            kw = {} if buckets is None else {"buckets": tuple(buckets)}
+            if s3gen_dtype is not None:
+                kw["dtype"] = _dtype(s3gen_dtype)
+            compile_s3gen(**kw)
+    model._compiled = True
+
+
+def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int = 64, seed: int = 0) -> float:
+    """Run short requests so the compiled graphs for the common buckets exist before traffic; returns seconds."""
+    if getattr(model, "s3gen", None) is not None and hasattr(model.s3gen, "warmup"):
+        model.s3gen.warmup()
+    t0 = time.perf_counter()
+    for text in texts:
+        if hasattr(model, "t3"):
+            if getattr(model, "conds", None) is None:
+                raise RuntimeError("warmup needs a voice: prepare_conditionals() first")
+            language = ["en"] if type(model).__name__ == "ChatterboxMultilingualTTS" else []
+            model.generate(text, *language, seed=seed, max_new_tokens=max_new_tokens)
+    dt = time.perf_counter() - t0
+    logger.info("warm-up took %.1f s", dt)
+    return dt
