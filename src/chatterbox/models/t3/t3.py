@@ -79,6 +79,12 @@ class T3(nn.Module):
             model = cls(hp)
         if "model" in state_dict and not torch.is_tensor(state_dict["model"]):  # legacy wrapping
             state_dict = state_dict["model"][0]
+        own = model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                 if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"T3 checkpoint does not fit the {hp.llama_config_name} T3 layout (wrong variant?): "
+                             + "; ".join(wrong[:4]))
         dtype = torch.get_default_dtype()  # upstream copies every checkpoint into float32 parameters
         state_dict = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=strict, assign=True)
