@@ -76,7 +76,10 @@ def upstream_tree(tmp_path_factory) -> Path:
     assert digest == SDIST_SHA256, f"{SDIST_NAME} sha256 {digest} is not the release the patches were made against"
     out = tmp_path_factory.mktemp("upstream")
     with tarfile.open(sdist) as tf:
-        tf.extractall(out, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            tf.extractall(out, filter="data")
+        else:
+            tf.extractall(out)
     return out / "chatterbox_tts-0.1.7"
 
 
@@ -260,7 +263,7 @@ def test_series_applies_in_order_without_fuzz(upstream_tree, tmp_path):
 def test_series_applies_with_git_am(upstream_tree, patched_tree, tmp_path):
     tree = tmp_path / "repo"
     shutil.copytree(upstream_tree, tree)
-    ident = ["-c", "user.name=patch test", "-c", "user.email=patch-test@example.invalid"]
+    ident = ["-c", "user.name=patch test", "-c", "user.email=patch-test@example.invalid", "-c", "commit.gpgsign=false"]
 
     def git(*args):
         r = subprocess.run(["git", *ident, *args], cwd=tree, capture_output=True, text=True)
