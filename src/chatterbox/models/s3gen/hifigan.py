@@ -166,8 +166,9 @@ def _dft_bases(n_fft: int, window: np.ndarray) -> tuple[Tensor, Tensor]:
     fwd = np.concatenate([np.cos(ang) * window, -np.sin(ang) * window], 0)  # [Re; Im] of X_k
     scale = np.where((k == 0) | (k == n_fft // 2), 1.0, 2.0) / n_fft  # onesided irfft weights
     inv = np.concatenate([scale * np.cos(ang) * window, -scale * np.sin(ang) * window], 0)
-    as_t = lambda a: torch.from_numpy(a).to(torch.float32)[:, None, :]  # noqa: E731
-    return as_t(fwd), as_t(inv)
+    fwd_t = torch.from_numpy(fwd).to(torch.float32)[:, None, :]
+    inv_t = torch.from_numpy(inv).to(torch.float32)[:, None, :]
+    return fwd_t, inv_t
 
 
 class HiFTGenerator(nn.Module):

@@ -83,7 +83,7 @@ class S3Tokenizer(nn.Module):
         return out
 
     def log_mel_spectrogram(self, audio: Tensor, padding: int = 0) -> Tensor:
-        """(1, L) or (L,) 16 kHz audio -> (1, 128, L // 160) Whisper-style log10 mel, normalised.
+        """(1, L) or (L,) 16 kHz audio -> (1, 128, L // 160) or (128, L // 160) log10 mel, normalised.
 
         Power STFT (n_fft 400, hop 160, centred, last frame dropped) -> Slaney mel -> log10,
         floored at (max - 8), then (x + 4) / 4. The max is over the whole input.
