@@ -530,21 +530,30 @@ def test_campplus_without_inplace_relu_matches_upstream(up):
 
 
 # ---------------------------------------------------------------- T3 decoding on a tiny Llama
-def _tiny_t3s(up, n_layers=2, heads=2, head_dim=16, multilingual=False):
+def _tiny_t3s(up, n_layers=2, heads=2, head_dim=16, multilingual=False, gpt=False):
     """(original, patched) T3 with identical tiny random weights whose speech head makes a handful of
     tokens (and EOS) likely, so that sampling varies and stops at different steps."""
     mods = []
     for u in up:
         t3 = u.load("models.t3.t3", stand_ins=("einops",))
         configs = u.load("models.t3.llama_configs").LLAMA_CONFIGS
-        name = f"test_tiny_{n_layers}x{heads}x{head_dim}"
-        configs[name] = {**configs["Llama_520M"], "hidden_size": heads * head_dim, "intermediate_size": 64,
-                         "num_hidden_layers": n_layers, "num_attention_heads": heads,
-                         "num_key_value_heads": heads, "head_dim": head_dim}
+        name = f"test_tiny_{'gpt' if gpt else 'llama'}_{n_layers}x{heads}x{head_dim}"
+        if gpt:
+            configs[name] = {**configs["GPT2_medium"], "n_embd": heads * head_dim, "hidden_size": heads * head_dim,
+                             "n_head": heads, "n_layer": n_layers}
+        else:
+            configs[name] = {**configs["Llama_520M"], "hidden_size": heads * head_dim, "intermediate_size": 64,
+                             "num_hidden_layers": n_layers, "num_attention_heads": heads,
+                             "num_key_value_heads": heads, "head_dim": head_dim}
         mods.append((t3, name))
     models, state = [], None
     for t3, name in mods:
-        hp = t3.T3Config.multilingual() if multilingual else t3.T3Config.english_only()
+        if gpt:  # as tts_turbo.py builds it
+            hp = t3.T3Config(text_tokens_dict_size=50276)
+            hp.speech_tokens_dict_size, hp.input_pos_emb, hp.speech_cond_prompt_len = 6563, None, 375
+            hp.emotion_adv = False
+        else:
+            hp = t3.T3Config.multilingual() if multilingual else t3.T3Config.english_only()
         hp.llama_config_name, hp.use_perceiver_resampler = name, False
         torch.manual_seed(0)
         m = t3.T3(hp).eval()
@@ -563,9 +572,9 @@ def _tiny_t3s(up, n_layers=2, heads=2, head_dim=16, multilingual=False):
     return models
 
 
-def _cond(t3):
+def _cond(t3, emotion=True):
     return t3.T3Cond(speaker_emb=torch.randn(1, 256, generator=torch.Generator().manual_seed(2)),
-                     emotion_adv=0.5 * torch.ones(1, 1, 1))
+                     emotion_adv=0.5 * torch.ones(1, 1, 1) if emotion else None)
 
 
 def _decode(t3, model, text, seed, **kw):
@@ -616,19 +625,70 @@ def test_t3_multilingual_decoding_with_alignment_analyzer_matches_upstream(up, o
         assert torch.equal(a, b) and torch.equal(rng_a, rng_b), seed
 
 
-def test_t3_step_compiles_into_one_graph(up, one_thread):
+def _decode_turbo(t3, model, text, seed, **kw):
+    torch.manual_seed(seed)
+    with HostReads() as h:
+        out = model.inference_turbo(_cond(t3, emotion=False), text, max_gen_len=kw.pop("max_gen_len", 40), **kw)
+    return out, torch.get_rng_state(), h.count
+
+
+def test_t3_turbo_decoding_matches_upstream(up, one_thread, capsys):
+    (t3o, orig), (t3p, new) = _tiny_t3s(up, gpt=True)
+    text = torch.tensor([[5, 6, 7, 8, 9]])
+    lengths = set()
+    for seed in range(10):
+        a, rng_a, reads_a = _decode_turbo(t3o, orig, text, seed)
+        b, rng_b, reads_b = _decode_turbo(t3p, new, text, seed)
+        assert torch.equal(a, b) and torch.equal(rng_a, rng_b), f"seed {seed}: {a.tolist()} != {b.tolist()}"
+        steps = a.shape[1]  # loop steps run by upstream (the first token comes from the prefill)
+        lengths.add(steps)
+        assert reads_a >= 2 * min(steps, 40) - 1  # two Python `if`s on device tensors per token
+        assert reads_b <= -(-steps // new.stop_check_interval) + 2, (steps, reads_b)
+    assert any(n % new.stop_check_interval and n < 40 for n in lengths), f"EOS never fell inside a window: {lengths}"
+    a, _, _ = _decode_turbo(t3o, orig, text, 3)
+    b, _, _ = _decode_turbo(t3p, new, text, 3, max_cache_len=128)
+    assert torch.equal(a, b)
+
+    # every logit filtered out at a chosen step: upstream warns and stops before sampling it
+    for t3, _ in ((t3o, orig), (t3p, new)):
+        class Processors(t3.LogitsProcessorList):
+            calls = 0
+
+            def __call__(self, input_ids, scores, **kw):
+                type(self).calls += 1
+                scores = super().__call__(input_ids, scores, **kw)
+                return torch.full_like(scores, -float("inf")) if type(self).calls == 6 else scores
+        t3._test_processors = Processors
+    results = []
+    for t3, model in ((t3o, orig), (t3p, new)):
+        saved, t3.LogitsProcessorList = t3.LogitsProcessorList, t3._test_processors
+        try:
+            capsys.readouterr()
+            out, rng, _ = _decode_turbo(t3, model, text, 1)
+            results.append((out, rng, capsys.readouterr().out.count("All logits are -inf")))
+        finally:
+            t3.LogitsProcessorList = saved
+    (a, rng_a, warn_a), (b, rng_b, warn_b) = results
+    assert a.shape[1] == 5 and torch.equal(a, b) and torch.equal(rng_a, rng_b) and warn_a == warn_b == 1
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt"])
+def test_t3_step_compiles_into_one_graph(up, one_thread, which):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    (t3o, orig), (t3p, new) = _tiny_t3s(up)
-    text = torch.tensor([[255, 5, 6, 7, 8, 0]]).repeat(2, 1)
+    (t3o, orig), (t3p, new) = _tiny_t3s(up, gpt=which == "gpt")
+    if which == "gpt":
+        text, decode = torch.tensor([[5, 6, 7, 8, 9]]), _decode_turbo
+    else:
+        text, decode = torch.tensor([[255, 5, 6, 7, 8, 0]]).repeat(2, 1), _decode
     torch._dynamo.reset()
     counter = CompileCounter()  # dynamo capture only: fullgraph=True fails on any graph break
     new._step_compilation_target = torch.compile(new._step_compilation_target, backend=counter, fullgraph=True)
     try:
         for seed in (1, 2):
-            a, rng_a, _ = _decode(t3o, orig, text, seed)
-            b, rng_b, _ = _decode(t3p, new, text, seed)
+            a, rng_a, _ = decode(t3o, orig, text, seed)
+            b, rng_b, _ = decode(t3p, new, text, seed)
             assert torch.equal(a, b) and torch.equal(rng_a, rng_b)
     finally:
         del new._step_compilation_target
