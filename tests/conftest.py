@@ -30,7 +30,7 @@ def read_inventory(name: str) -> dict[str, tuple[int, ...]]:
     out = {}
     for line in (FIXTURES / f"{name}.tsv").read_text().splitlines()[1:]:
         key, shape, _dtype, _kind = line.split("\t")
-        out[key] = tuple(int(s) for s in shape.split("x")) if shape else ()
+        out[key] = () if shape in ("", "scalar") else tuple(int(s) for s in shape.split("x"))
     return out
 
 
