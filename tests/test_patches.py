@@ -67,8 +67,9 @@ def upstream_tree(tmp_path_factory) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         out = proc.stdout + proc.stderr
-        if any(m in out for m in _OFFLINE_MARKERS):
-            pytest.skip(f"package index unreachable, cannot download {UPSTREAM}: {out.strip().splitlines()[-1]}")
+        network = [ln.strip() for ln in out.splitlines() if any(m in ln for m in _OFFLINE_MARKERS)]
+        if network:
+            pytest.skip(f"package index unreachable, cannot download {UPSTREAM}: {network[0][:300]}")
         pytest.fail(f"pip download {UPSTREAM} failed (exit {proc.returncode}):\n{out[-3000:]}")
     sdist = dl / SDIST_NAME
     assert sdist.is_file(), f"pip did not produce {SDIST_NAME}: {sorted(p.name for p in dl.iterdir())}"
