@@ -63,7 +63,8 @@ def upstream_tree(tmp_path_factory) -> Path:
     """The unpacked, unpatched upstream sdist (downloaded once per test session)."""
     dl = tmp_path_factory.mktemp("upstream-sdist")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
-           "--disable-pip-version-check", UPSTREAM, "-d", str(dl)]
+           "--disable-pip-version-check",
+           "--retries", "2", UPSTREAM, "-d", str(dl)]  # with retries pip names the network error it hit
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         out = proc.stdout + proc.stderr
