@@ -225,32 +225,42 @@ def test_full_size_flow_traces_without_graph_breaks(flows):
 @pytest.mark.slow
 @pytest.mark.parametrize("meanflow", [False, True])
 def test_compiled_matches_eager_on_two_lengths(meanflow):
-    """Inductor, fullgraph: encoder, estimator and the whole flow vs eager at two token lengths."""
+    """Inductor, fullgraph, static shapes: encoder, estimator and the whole flow vs eager at two lengths.
+
+    The meanflow variant compiles only the whole flow (its encoder is the same code, and its
+    estimator, r input included, is inside that graph).
+    """
     full = os.environ.get("CHATTERBOX_FULL_COMPILE_TESTS") == "1"
     flow = build_flow(meanflow, tiny=not full)
     torch._dynamo.reset()
     counters.clear()
-    enc = torch.compile(flow.encoder, fullgraph=True)
-    est = torch.compile(flow.decoder.estimator, fullgraph=True)
-    whole = torch.compile(flow.forward_mel, fullgraph=True)
+    # static shapes: one compile per length bucket, as the runtime does at warm-up
+    enc = torch.compile(flow.encoder, fullgraph=True, dynamic=False)
+    est = torch.compile(flow.decoder.estimator, fullgraph=True, dynamic=False)
+    whole = torch.compile(flow.forward_mel, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(1)
     p = 5
     prompt = torch.randint(0, 6561, (1, p), generator=g)
     feat, emb = torch.randn(1, 2 * p, 80, generator=g), torch.randn(1, 192, generator=g)
     for n in (6, 11):
-        toks = torch.randint(0, 6561, (1, n), generator=g)
-        x = torch.randn(1, n + p, flow.input_size, generator=g)
-        lens = torch.tensor([n + p])
-        assert rel_err(enc(x, lens)[0], flow.encoder(x, lens)[0]) <= 1e-3
-
         T = 2 * (n + p)
-        xs = torch.randn(2, 80, T, generator=g)
-        mask = torch.ones(2, 1, T)
-        mask[1, :, T - 3:] = 0
-        tt, spk = torch.rand(2, generator=g), torch.randn(2, 80, generator=g)
-        r = tt + 0.5 if meanflow else None
-        assert rel_err(est(xs, mask, xs, tt, spk, xs, r), flow.decoder.estimator(xs, mask, xs, tt, spk, xs, r)) <= 1e-3
+        if not meanflow or full:
+            x = torch.randn(1, n + p, flow.input_size, generator=g)
+            lens = torch.tensor([n + p])
+            err = rel_err(enc(x, lens)[0], flow.encoder(x, lens)[0])
+            print(f"meanflow={meanflow} n={n}: compiled vs eager encoder rel err {err:.2e}")
+            assert err <= 1e-3
 
+            xs = torch.randn(2, 80, T, generator=g)
+            mask = torch.ones(2, 1, T)
+            mask[1, :, T - 3:] = 0
+            tt, spk = torch.rand(2, generator=g), torch.randn(2, 80, generator=g)
+            r = tt + 0.5 if meanflow else None
+            err = rel_err(est(xs, mask, xs, tt, spk, xs, r), flow.decoder.estimator(xs, mask, xs, tt, spk, xs, r))
+            print(f"meanflow={meanflow} n={n}: compiled vs eager estimator rel err {err:.2e}")
+            assert err <= 1e-3
+
+        toks = torch.randint(0, 6561, (1, n), generator=g)
         noise = torch.randn(1, 80, T, generator=g)
         args = (toks, torch.tensor([n]), prompt, torch.tensor([p]), feat, emb, noise, 2, meanflow)
         err = rel_err(whole(*args), flow.forward_mel(*args))
