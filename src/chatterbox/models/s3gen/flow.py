@@ -94,7 +94,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         token (B, N) int, token_len (B,), prompt_token (1|B, P), prompt_token_len (1|B,),
         prompt_feat (1|B, M, 80), embedding (1|B, 192), noise (1|B, 80, T_mel) with
-        T_mel = `mel_length(P + N, finalize)`; rows may be padded beyond their lengths.
+        T_mel = `mel_length(P + N, finalize)`; rows may be padded beyond their lengths. Tokens are not
+        checked here (no host sync): call `validate_tokens` first, as `inference` does.
         """
         b = token.size(0)
         spks = self.spk_embed_affine_layer(F.normalize(torch.atleast_2d(embedding), dim=1))  # (1|B, 80)

@@ -146,6 +146,9 @@ class S3Token2Mel(nn.Module):
                 floating = v.is_floating_point() and key not in ("prompt_token", "prompt_token_len")
                 v = v.to(device=self.device, dtype=self.dtype if floating else torch.long)
             out[key] = v
+        if out["prompt_token_len"] is None and out["prompt_token"] is not None:
+            p = out["prompt_token"]
+            out["prompt_token_len"] = torch.full((p.size(0),), p.size(-1), dtype=torch.long, device=p.device)
         return out
 
     def forward(self, speech_tokens: Tensor, ref_wav: Optional[Tensor], ref_sr: Optional[int],
@@ -163,6 +166,7 @@ class S3Token2Mel(nn.Module):
         if speech_token_lens is None:
             b, n = speech_tokens.shape
             speech_token_lens = torch.full((b,), n, dtype=torch.long, device=self.device)
+        speech_token_lens = speech_token_lens.to(self.device)
         mel, _ = self.flow.inference(
             token=speech_tokens, token_len=speech_token_lens, finalize=finalize,
             n_timesteps=self.default_timesteps(n_cfm_timesteps), noised_mels=noised_mels, meanflow=self.meanflow,
