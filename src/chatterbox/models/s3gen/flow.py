@@ -98,7 +98,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         checked here (no host sync): call `validate_tokens` first, as `inference` does.
         """
         b = token.size(0)
-        spks = self.spk_embed_affine_layer(F.normalize(torch.atleast_2d(embedding), dim=1))  # (1|B, 80)
+        w = self.spk_embed_affine_layer.weight
+        spks = self.spk_embed_affine_layer(F.normalize(torch.atleast_2d(embedding), dim=1).to(w.dtype))  # (1|B, 80)
         spks = _batch(spks, b, 2)
         prompt_token = _batch(prompt_token, b, 2)
         prompt_token_len = _batch(prompt_token_len, b, 1)

@@ -25,11 +25,13 @@ def time_span(n_timesteps: int, cosine: bool, device=None, dtype=torch.float32) 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None,
                dtype=torch.float32) -> Tensor:
-    """Standard-normal noise; from `generator` if given (on its device), else the global RNG."""
+    """Standard-normal noise drawn in float32 (so a seed gives the same values in any model dtype),
+    from `generator` on its own device if given, else from the global RNG; returned on `device` in `dtype`."""
     if generator is not None:
-        z = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-        return z.to(device)
-    return torch.randn(shape, device=device, dtype=dtype)
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    else:
+        z = torch.randn(shape, device=device, dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
 
 
 class CausalConditionalCFM(nn.Module):
