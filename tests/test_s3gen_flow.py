@@ -237,8 +237,8 @@ def test_full_size_flow_traces_without_graph_breaks(flows):
 def test_compiled_matches_eager_on_two_lengths(meanflow):
     """Inductor, fullgraph, static shapes: encoder, estimator and the whole flow vs eager at two lengths.
 
-    The meanflow variant compiles only the whole flow (its encoder is the same code, and its
-    estimator, r input included, is inside that graph).
+    The meanflow variant compiles only the whole flow, at one length (its encoder is the same code,
+    and its estimator, r input included, is inside that graph): compile time dominates CI time.
     """
     full = os.environ.get("CHATTERBOX_FULL_COMPILE_TESTS") == "1"
     flow = build_flow(meanflow, tiny=not full)
@@ -252,7 +252,7 @@ def test_compiled_matches_eager_on_two_lengths(meanflow):
     p = 5
     prompt = torch.randint(0, 6561, (1, p), generator=g)
     feat, emb = torch.randn(1, 2 * p, 80, generator=g), torch.randn(1, 192, generator=g)
-    for n in (6, 11):
+    for n in (6,) if meanflow and not full else (6, 11):
         T = 2 * (n + p)
         if not meanflow or full:
             x = torch.randn(1, n + p, flow.input_size, generator=g)
