@@ -73,6 +73,33 @@ def upstream_style(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
     return n
 
 
+@torch.inference_mode()
+def upstream_style_turbo(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
+    """Upstream's Turbo loop structure: DynamicCache, processors per step, multinomial, two host syncs per token."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    prefill = model.prefill_embeds(cond, text)
+    procs = [TemperatureLogitsWarper(0.8), TopKLogitsWarper(1000), TopPLogitsWarper(0.95),
+             RepetitionPenaltyLogitsProcessor(1.2)]
+    cache = DynamicCache(config=model.cfg)
+    out = model.tfmr(inputs_embeds=prefill, past_key_values=cache, use_cache=True)
+    ids = torch.full((1, 1), model.hp.start_speech_token, device=prefill.device)
+    generated = []
+    for i in range(n):
+        x = model.speech_head(out.last_hidden_state[:, -1]).float()
+        hist = ids if not generated else torch.cat(generated, dim=1)
+        for p in procs:
+            x = p(hist, x)
+        if torch.all(x == -float("inf")):  # host sync 1
+            return i
+        nxt = torch.multinomial(torch.softmax(x, -1), 1)
+        generated.append(nxt)
+        if torch.all(nxt == model.hp.stop_speech_token):  # host sync 2
+            return i + 1
+        out = model.tfmr(inputs_embeds=model.speech_emb(nxt), past_key_values=cache, use_cache=True)
+    return n
+
+
 def ours(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
     toks = model.inference(t3_cond=cond, text_tokens=text, max_new_tokens=n, top_p=1.0,
                            generator=torch.Generator(device=text.device).manual_seed(0))

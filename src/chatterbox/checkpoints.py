@@ -17,7 +17,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> str:
     """Validate a device string early: 'cuda' without CUDA is an error; 'mps' without MPS falls back to 'cpu'."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unsupported device {str(device)!r}; use 'cuda', 'cuda:N', 'mps' or 'cpu'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={str(device)!r} requested but CUDA is not available "

@@ -128,6 +128,10 @@ class EngineBase:
     def _tokens_to_wav(self, speech: torch.Tensor, ref_dict: dict, generator: Optional[torch.Generator],
                        n_cfm_timesteps: Optional[int] = None) -> torch.Tensor:
         """(N,) speech ids -> (1, M) float32 waveform on the model device."""
+        if getattr(self.s3gen, "_length_buckets", None):  # compiled: padded length buckets, no recompiles
+            from .runtime.s3gen_buckets import bucketed_inference
+
+            return bucketed_inference(self.s3gen, speech, ref_dict, generator=generator, n_cfm_timesteps=n_cfm_timesteps)
         kw = {} if n_cfm_timesteps is None else {"n_cfm_timesteps": n_cfm_timesteps}
         wav, _ = self.s3gen.inference(speech_tokens=speech[None], ref_dict=ref_dict, generator=generator, **kw)
         return wav

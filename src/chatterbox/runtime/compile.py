@@ -50,49 +50,73 @@ def configure_dynamo(cache_size_limit: int = 64, cache_dir: Optional[str] = None
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
 
 
-def compile_t3(t3, *, mode: Optional[str] = None, dtype: DTypeLike = None) -> None:
+def compile_t3(t3, *, mode: Optional[str] = None, dtype: DTypeLike = None, backend: str = "inductor") -> None:
     """Compile T3's decode step (backbone step + on-device sampling) as one full graph."""
     dt = _dtype(dtype)
     if dt is not None and dt != t3.dtype:
         t3.to(dt)
         t3._caches.clear()  # caches are per dtype
-    if mode is None:
+    if mode is None and backend == "inductor":
         mode = "reduce-overhead" if t3.device.type == "cuda" else "default"
-    t3.decode_step = torch.compile(t3._decode_one_token, fullgraph=True, mode=mode)
+    t3.decode_step = torch.compile(t3._decode_one_token, fullgraph=True, mode=mode, backend=backend)
 
 
 def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None, t3: bool = True,
                   s3gen: bool = True, s3gen_dtype: DTypeLike = None, buckets: Optional[Sequence[int]] = None,
-                  cache_dir: Optional[str] = None, cache_size_limit: int = 64) -> None:
-    """Compile the parts of a loaded Chatterbox model (see the module docstring for what and how)."""
+                  cache_dir: Optional[str] = None, cache_size_limit: int = 64, backend: str = "inductor",
+                  s3gen_backend: Optional[str] = None) -> None:
+    """Compile the parts of a loaded Chatterbox model (see the module docstring for what and how).
+
+    dtype: T3's dtype (default bfloat16 on CUDA, unchanged on CPU); mode: torch.compile mode for T3
+    (default "reduce-overhead" = CUDA graphs on GPU); buckets: S3Gen total-token buckets;
+    cache_dir: persistent inductor cache; backend / s3gen_backend: torch.compile backends
+    ("eager" traces without generating code, useful to check graphs quickly).
+    """
     configure_dynamo(cache_size_limit, cache_dir)
     if dtype is None and getattr(model, "device", "cpu").startswith("cuda"):
         dtype = torch.bfloat16
     if t3 and getattr(model, "t3", None) is not None:
-        compile_t3(model.t3, mode=mode, dtype=dtype)
+        compile_t3(model.t3, mode=mode, dtype=dtype, backend=backend)
     if s3gen and getattr(model, "s3gen", None) is not None:
-        compile_s3gen = getattr(model.s3gen, "compile", None)
-        if compile_s3gen is None:
-            logger.warning("this S3Gen has no compile() hook; it stays eager")
-        else:
-            kw = {} if buckets is None else {"buckets": tuple(buckets)}
-            if s3gen_dtype is not None:
-                kw["dtype"] = _dtype(s3gen_dtype)
-            compile_s3gen(**kw)
+        from .s3gen_buckets import DEFAULT_BUCKETS, compile_s3gen
+
+        compile_s3gen(model.s3gen, buckets=tuple(buckets or DEFAULT_BUCKETS), dtype=_dtype(s3gen_dtype),
+                      backend=s3gen_backend or backend)
     model._compiled = True
 
 
-def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int = 64, seed: int = 0) -> float:
-    """Run short requests so the compiled graphs for the common buckets exist before traffic; returns seconds."""
-    if getattr(model, "s3gen", None) is not None and hasattr(model.s3gen, "warmup"):
-        model.s3gen.warmup()
+def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int = 1000,
+           s3gen_buckets: Optional[Sequence[int]] = None, hift_frames: Optional[Sequence[int]] = None,
+           seed: int = 0) -> float:
+    """Pre-compile before traffic; returns the seconds it took.
+
+    Runs `generate` on `texts` (use the `max_new_tokens` you serve with: it decides T3's cache
+    bucket), then one S3Gen request per length bucket (default: every configured bucket that fits
+    the current voice's prompt), so later requests inside those buckets never compile.
+    """
     t0 = time.perf_counter()
-    for text in texts:
-        if hasattr(model, "t3"):
-            if getattr(model, "conds", None) is None:
-                raise RuntimeError("warmup needs a voice: prepare_conditionals() first")
-            language = ["en"] if type(model).__name__ == "ChatterboxMultilingualTTS" else []
-            model.generate(text, *language, seed=seed, max_new_tokens=max_new_tokens)
+    is_mtl = type(model).__name__ == "ChatterboxMultilingualTTS"
+    if getattr(model, "t3", None) is not None:
+        if getattr(model, "conds", None) is None:
+            raise RuntimeError("warmup needs a voice: prepare_conditionals() first")
+        for text in texts:
+            args = (text, "en") if is_mtl else (text,)
+            model.generate(*args, seed=seed, max_new_tokens=max_new_tokens)
+    s3gen = getattr(model, "s3gen", None)
+    buckets = getattr(s3gen, "_length_buckets", None) if s3gen is not None else None
+    if buckets:
+        from .s3gen_buckets import HIFT_WARM_FRAMES, bucketed_inference, warm_hift
+
+        ref = model.conds.gen if getattr(model, "conds", None) is not None else getattr(model, "ref_dict", None)
+        if ref is None:
+            raise RuntimeError("warmup needs a voice: prepare_conditionals()/set_target_voice() first")
+        p = ref["prompt_token"].shape[-1]
+        steps = 2 if s3gen.meanflow else None
+        for b in (s3gen_buckets or buckets):
+            if b > p:
+                dummy = torch.zeros(b - p, dtype=torch.long, device=s3gen.device)
+                bucketed_inference(s3gen, dummy, ref, n_cfm_timesteps=steps, buckets=buckets)
+        warm_hift(s3gen, hift_frames or HIFT_WARM_FRAMES)
     dt = time.perf_counter() - t0
     logger.info("warm-up took %.1f s", dt)
     return dt

@@ -1,0 +1,199 @@
+"""chatterbox-fast end-to-end benchmark: upstream-style eager vs ours eager vs compiled (fp32, bf16).
+
+One process, the same deterministic weights for every mode, for the original model and Turbo:
+
+    python benchmarks/run.py                       # full-size models, CPU or the CUDA device
+    python benchmarks/run.py --config tiny         # small T3 backbones (CI smoke run)
+    python benchmarks/run.py --models original --modes ours_eager,ours_compiled_fp32 --seconds 4
+
+Per model and mode it reports T3 tokens/s, S3Gen milliseconds per second of audio, the
+end-to-end real-time factor, peak memory, and the largest relative waveform difference of each
+mode against ours-eager for the same seed. Prints one table and writes JSON (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from t3_decode import upstream_style, upstream_style_turbo  # noqa: E402
+
+from chatterbox.models.s3gen import S3Gen  # noqa: E402
+from chatterbox.models.t3 import T3, T3Config  # noqa: E402
+from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS  # noqa: E402
+from chatterbox.models.voice_encoder import VoiceEncoder  # noqa: E402
+from chatterbox.testing import apply_det_weights, det_state_dict, test_wav  # noqa: E402
+
+MODES = ("upstream_eager", "ours_eager", "ours_compiled_fp32", "ours_compiled_bf16")
+TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
+        "square stops to listen for a moment before going back to their afternoon.")
+TINY = {
+    "original": dict(LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=2, intermediate_size=512),
+    "turbo": dict(LLAMA_CONFIGS["GPT2_medium"], n_layer=2),
+}
+
+
+def build(model: str, config: str, device: str, workdir: Path):
+    """A public model object on deterministic weights (in memory; same classes users load)."""
+    from chatterbox import testing_tokenizers as tt
+
+    hp = T3Config.english_only() if model == "original" else T3Config.turbo()
+    if config == "tiny":
+        name = f"bench_tiny_{model}"
+        LLAMA_CONFIGS.setdefault(name, TINY[model])
+        hp.llama_config_name = name
+    with torch.device("meta"):
+        shell = T3(hp)
+    t3 = T3.from_state_dict(det_state_dict(shell), hp).to(device)
+    s3 = apply_det_weights(S3Gen(meanflow=model == "turbo")).to(device).eval()
+    ve = apply_det_weights(VoiceEncoder()).to(device).eval()
+    if model == "original":
+        from chatterbox.models.tokenizers import EnTokenizer
+        from chatterbox.tts import ChatterboxTTS
+
+        tt.write_en_tokenizer(workdir)
+        tts = ChatterboxTTS(t3, s3, ve, EnTokenizer(str(workdir / "tokenizer.json")), device, watermark=False)
+    else:
+        from transformers import AutoTokenizer
+
+        from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+        tdir = workdir / "turbo_tok"
+        tt.write_turbo_tokenizer(tdir)
+        tok = AutoTokenizer.from_pretrained(str(tdir))
+        tts = ChatterboxTurboTTS(t3, s3, ve, tok, device, watermark=False)
+    import soundfile as sf
+
+    ref = workdir / f"ref_{model}.wav"
+    sf.write(str(ref), test_wav(24000, 6.0, seed=11).numpy(), 24000, subtype="FLOAT")
+    tts.prepare_conditionals(str(ref))
+    return tts
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (CPU)
+
+
+@torch.inference_mode()
+def run_once(tts, model: str, mode: str, tokens: int, device: str, seed: int) -> dict:
+    """One end-to-end request; T3 and S3Gen timed separately. Returns timings and the waveform."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sync(device)
+    t0 = time.perf_counter()
+    if mode == "upstream_eager":
+        torch.manual_seed(seed)
+        if model == "original":
+            ids = tts.tokenizer.text_to_tokens(TEXT).long()
+            ids = torch.cat([torch.tensor([[255]]), ids, torch.tensor([[0]])], 1).to(device)
+            n = upstream_style(tts.t3, tts._conds_for(0.5), ids, tokens)
+        else:
+            ids = tts.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
+            n = upstream_style_turbo(tts.t3, tts._conds_for(0.0), ids, tokens)
+        speech = None
+    else:
+        if model == "original":
+            ids = tts.tokenizer.text_to_tokens(TEXT).long()
+            ids = torch.cat([torch.tensor([[255]]), ids, torch.tensor([[0]])], 1).to(device)
+            out = tts.t3.inference(t3_cond=tts._conds_for(0.5), text_tokens=ids, max_new_tokens=tokens, top_p=1.0,
+                                   generator=gen)
+        else:
+            ids = tts.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
+            out = tts.t3.inference_turbo(tts._conds_for(0.0), ids, max_gen_len=tokens - 1, generator=gen)
+        speech = tts._valid_speech(out)
+        n = out.shape[1]
+    sync(device)
+    t1 = time.perf_counter()
+    # S3Gen on a fixed token sequence so every mode vocodes the same input
+    fixed = torch.randint(0, 6561, (tokens,), generator=torch.Generator().manual_seed(seed)).to(device)
+    g2 = torch.Generator(device=device).manual_seed(seed)
+    wav = tts._tokens_to_wav(fixed, tts.conds.gen, g2, n_cfm_timesteps=2 if model == "turbo" else None)
+    sync(device)
+    t2 = time.perf_counter()
+    del speech
+    return dict(t3_s=t1 - t0, t3_tokens=n, s3gen_s=t2 - t1, wav=wav.float().cpu())
+
+
+def prepare_mode(tts, mode: str, backend: str):
+    from chatterbox.runtime.compile import compile_model
+
+    if mode == "ours_compiled_fp32":
+        compile_model(tts, dtype=torch.float32, backend=backend)
+    elif mode == "ours_compiled_bf16":
+        compile_model(tts, dtype=torch.bfloat16, backend=backend)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=["full", "tiny"], default="full")
+    ap.add_argument("--models", default="original,turbo")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio length per request (25 tokens per second)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend for the compiled modes")
+    ap.add_argument("--json", default="bench_out/results.json")
+    a = ap.parse_args(argv)
+    tokens = max(2, int(round(a.seconds * 25)))
+    modes = [m for m in a.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; choose from {MODES}")
+    results = dict(device=a.device, torch=torch.__version__, config=a.config, seconds=a.seconds, tokens=tokens,
+                   gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else None, rows=[])
+    with tempfile.TemporaryDirectory() as td:
+        for model in [m for m in a.models.split(",") if m]:
+            eager_wav = None
+            for mode in modes:
+                tts = build(model, a.config, a.device, Path(td))  # fresh weights per mode: compile is in-place
+                if a.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                prepare_mode(tts, mode, a.backend)
+                first = run_once(tts, model, mode, tokens, a.device, seed=0)  # warm-up (compiles)
+                warm_s = time.perf_counter() - t
+                best = None
+                for _ in range(a.repeats):
+                    r = run_once(tts, model, mode, tokens, a.device, seed=0)
+                    best = r if best is None or r["t3_s"] + r["s3gen_s"] < best["t3_s"] + best["s3gen_s"] else best
+                audio_s = best["wav"].shape[-1] / 24000
+                row = dict(model=model, mode=mode, t3_tokens_per_s=round(best["t3_tokens"] / best["t3_s"], 2),
+                           s3gen_ms_per_audio_s=round(1000 * best["s3gen_s"] / max(audio_s, 1e-9), 1),
+                           rtf=round((best["t3_s"] + best["s3gen_s"]) / max(audio_s, 1e-9), 4),
+                           audio_s=round(audio_s, 2), warmup_s=round(warm_s, 1), peak_mb=round(peak_mb(a.device)))
+                if mode == "ours_eager":
+                    eager_wav = best["wav"]
+                if eager_wav is not None and mode != "upstream_eager":
+                    d = (best["wav"] - eager_wav).norm() / eager_wav.norm()
+                    row["wav_rel_diff_vs_eager"] = float(f"{d:.3g}")
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                del tts, first, best
+    hdr = ("model", "mode", "t3_tokens_per_s", "s3gen_ms_per_audio_s", "rtf", "audio_s", "warmup_s", "peak_mb",
+           "wav_rel_diff_vs_eager")
+    print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
+    for row in results["rows"]:
+        print("| " + " | ".join(str(row.get(h, "")) for h in hdr) + " |")
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
