@@ -73,6 +73,11 @@ class EngineBase:
     ENC_COND_LEN = 6 * S3_SR
     DEC_COND_LEN = 10 * S3GEN_SR
 
+    def _init_tts(self, t3, s3gen, ve, tokenizer, device: str, conds: Optional[Conditionals], watermark: bool) -> None:
+        self._init_engine(device, watermark)
+        self.t3, self.s3gen, self.ve, self.tokenizer = t3, s3gen, ve, tokenizer
+        self.conds = conds
+
     def _init_engine(self, device: str, watermark: bool) -> None:
         self.sr = S3GEN_SR
         self.device = device
@@ -117,6 +122,16 @@ class EngineBase:
                       cond_prompt_speech_tokens=c.cond_prompt_speech_tokens,
                       cond_prompt_speech_emb=c.cond_prompt_speech_emb,
                       emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=self.device))
+
+    def _llama_speech(self, text_ids: torch.Tensor, t3_cond: T3Cond, generator: Optional[torch.Generator],
+                      max_new_tokens: int, **sampling) -> torch.Tensor:
+        """(1, T) text ids without start/stop -> (N,) valid speech ids from the Llama T3 (English, multilingual)."""
+        hp = self.t3.hp
+        ids = torch.cat([torch.tensor([[hp.start_text_token]]), text_ids.long().cpu(),
+                         torch.tensor([[hp.stop_text_token]])], dim=1)
+        speech = self.t3.inference(t3_cond=t3_cond, text_tokens=ids.to(self.device), max_new_tokens=max_new_tokens,
+                                   generator=generator, **sampling)
+        return self._valid_speech(speech)
 
     # -------------------------------------------------------------- tokens -> audio
     @staticmethod

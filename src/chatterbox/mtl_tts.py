@@ -56,9 +56,7 @@ class ChatterboxMultilingualTTS(EngineBase):
 
     def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: MTLTokenizer, device: str,
                  conds: Optional[Conditionals] = None, *, watermark: bool = True):
-        self._init_engine(device, watermark)
-        self.t3, self.s3gen, self.ve, self.tokenizer = t3, s3gen, ve, tokenizer
-        self.conds = conds
+        self._init_tts(t3, s3gen, ve, tokenizer, device, conds, watermark)
 
     @classmethod
     def get_supported_languages(cls) -> dict:
@@ -102,15 +100,11 @@ class ChatterboxMultilingualTTS(EngineBase):
         with self._lock:
             if audio_prompt_path:
                 self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-            t3_cond = self._conds_for(exaggeration)
-            hp = self.t3.hp
-            ids = self.tokenizer.text_to_tokens(punc_norm(text), language_id=language).long()
-            ids = torch.cat([torch.tensor([[hp.start_text_token]]), ids, torch.tensor([[hp.stop_text_token]])], dim=1)
             gen = make_generator(self.device, seed, generator)
-            speech = self.t3.inference(t3_cond=t3_cond, text_tokens=ids.to(self.device), max_new_tokens=max_new_tokens,
-                                       temperature=temperature, cfg_weight=cfg_weight,
-                                       repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p, generator=gen)
-            speech = self._valid_speech(speech)
+            ids = self.tokenizer.text_to_tokens(punc_norm(text), language_id=language)
+            speech = self._llama_speech(ids, self._conds_for(exaggeration), gen, max_new_tokens,
+                                        temperature=temperature, cfg_weight=cfg_weight,
+                                        repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p)
             n = speech.numel()
             if n == 0:
                 return self._empty("T3 stopped immediately")

@@ -37,9 +37,7 @@ class ChatterboxTTS(EngineBase):
 
     def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: EnTokenizer, device: str,
                  conds: Optional[Conditionals] = None, *, watermark: bool = True):
-        self._init_engine(device, watermark)
-        self.t3, self.s3gen, self.ve, self.tokenizer = t3, s3gen, ve, tokenizer
-        self.conds = conds
+        self._init_tts(t3, s3gen, ve, tokenizer, device, conds, watermark)
 
     @classmethod
     def from_local(cls, ckpt_dir, device, **kwargs) -> "ChatterboxTTS":
@@ -81,15 +79,10 @@ class ChatterboxTTS(EngineBase):
         with self._lock:
             if audio_prompt_path:
                 self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-            t3_cond = self._conds_for(exaggeration)
-            hp = self.t3.hp
-            ids = self.tokenizer.text_to_tokens(punc_norm(text)).long()
-            ids = torch.cat([torch.tensor([[hp.start_text_token]]), ids, torch.tensor([[hp.stop_text_token]])], dim=1)
             gen = make_generator(self.device, seed, generator)
-            speech = self.t3.inference(t3_cond=t3_cond, text_tokens=ids.to(self.device), max_new_tokens=max_new_tokens,
-                                       temperature=temperature, cfg_weight=cfg_weight,
-                                       repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p, generator=gen)
-            speech = self._valid_speech(speech)
+            speech = self._llama_speech(self.tokenizer.text_to_tokens(punc_norm(text)), self._conds_for(exaggeration),
+                                        gen, max_new_tokens, temperature=temperature, cfg_weight=cfg_weight,
+                                        repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p)
             if speech.numel() == 0:
                 return self._empty("T3 stopped immediately")
             return self._finish(self._tokens_to_wav(speech, self.conds.gen, gen))

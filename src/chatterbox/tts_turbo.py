@@ -42,9 +42,8 @@ class ChatterboxTurboTTS(EngineBase):
 
     def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer, device: str,
                  conds: Optional[Conditionals] = None, model_label: str = "Turbo", *, watermark: bool = True):
-        self._init_engine(device, watermark)
-        self.t3, self.s3gen, self.ve, self.tokenizer = t3, s3gen, ve, tokenizer
-        self.conds, self.model_label = conds, model_label
+        self._init_tts(t3, s3gen, ve, tokenizer, device, conds, watermark)
+        self.model_label = model_label
 
     @classmethod
     def from_local(cls, ckpt_dir, device, nano: bool = False, **kwargs) -> "ChatterboxTurboTTS":

@@ -255,16 +255,19 @@ class T3(nn.Module):
             seen = torch.zeros_like(seen)
         seen = seen.scatter(1, token[:, None], True)
         done = token == self.hp.stop_speech_token
-        out = [token]
+        out = torch.empty(max_new_tokens, dtype=torch.long, device=device)  # generated ids, written by index
+        out[:1] = token
+        n = 1
         watcher = StopWatcher(device)
         for s in range(max_new_tokens - 1):
             if s % self.stop_check_interval == 0 and watcher.poll(done):
                 break
             token, seen, done = self.decode_step(token, seen, done, steps[s:s + 1], base, params, gumbel, spec, B)
-            out.append(token.clone())  # under CUDA graphs the step's outputs are overwritten by the next replay
+            out[s + 1:s + 2] = token  # a copy: under CUDA graphs the step's outputs are overwritten by the next replay
+            n = s + 2
             if on_step is not None:
                 on_step(s + 2)
-        return trim_after_stop(torch.cat(out), self.hp.stop_speech_token, keep_stop)
+        return trim_after_stop(out[:n], self.hp.stop_speech_token, keep_stop)
 
     def prefill_embeds(self, t3_cond: T3Cond, text_tokens: Tensor, *, cfg_weight: float = 0.0,
                        initial_speech_tokens: Optional[Tensor] = None) -> Tensor:
