@@ -78,7 +78,7 @@ def test_compiled_equals_eager_and_no_recompile_in_warm_buckets(tmp_path):
     counters.clear()
     p = tts.conds.gen["prompt_token"].shape[-1]
     # T3 with inductor (tiny); S3Gen traced by dynamo only ("eager" backend) to keep CPU compile time small
-    compile_model(tts, buckets=(p + 16, p + 48), backend="inductor", s3gen_backend="eager")
+    compile_model(tts, buckets=(p + 16, p + 48), backend="inductor", s3gen=True, s3gen_backend="eager")
     tts.warmup(texts=["Warm up."], max_new_tokens=24, hift_frames=(4, 8, 16, 32, 64, 128))
     compiled = [tts.generate(t, seed=i, max_new_tokens=10 + 12 * i) for i, t in enumerate(texts)]
     for e, c in zip(eager, compiled):

@@ -62,7 +62,7 @@ def compile_t3(t3, *, mode: Optional[str] = None, dtype: DTypeLike = None, backe
 
 
 def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None, t3: bool = True,
-                  s3gen: bool = True, s3gen_dtype: DTypeLike = None, buckets: Optional[Sequence[int]] = None,
+                  s3gen: Optional[bool] = None, s3gen_dtype: DTypeLike = None, buckets: Optional[Sequence[int]] = None,
                   cache_dir: Optional[str] = None, cache_size_limit: int = 64, backend: str = "inductor",
                   s3gen_backend: Optional[str] = None) -> None:
     """Compile the parts of a loaded Chatterbox model (see the module docstring for what and how).
@@ -71,7 +71,11 @@ def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None,
     (default "reduce-overhead" = CUDA graphs on GPU); buckets: S3Gen total-token buckets;
     cache_dir: persistent inductor cache; backend / s3gen_backend: torch.compile backends
     ("eager" traces without generating code, useful to check graphs quickly).
+    s3gen: compile S3Gen over length buckets; default True on CUDA and False on CPU, where the
+    bucket padding costs more than compilation gains (measured, see BENCHMARKS.md).
     """
+    if s3gen is None:
+        s3gen = str(getattr(model, "device", "cpu")).startswith("cuda")
     configure_dynamo(cache_size_limit, cache_dir)
     if dtype is None and getattr(model, "device", "cpu").startswith("cuda"):
         dtype = torch.bfloat16
