@@ -118,6 +118,8 @@ class EngineBase:
             raise RuntimeError("no voice prepared: pass audio_prompt_path=... or call prepare_conditionals() first "
                                "(the checkpoint directory had no conds.pt built-in voice)")
         c = self.conds.t3
+        if c.cond_prompt_speech_tokens is not None and c.cond_prompt_speech_emb is None:
+            c.cond_prompt_speech_emb = self.t3.embed_prompt_tokens(c.cond_prompt_speech_tokens)  # once per voice
         return T3Cond(speaker_emb=c.speaker_emb, clap_emb=c.clap_emb,
                       cond_prompt_speech_tokens=c.cond_prompt_speech_tokens,
                       cond_prompt_speech_emb=c.cond_prompt_speech_emb,

@@ -109,11 +109,7 @@ class T3(nn.Module):
     def prepare_conditioning(self, t3_cond: T3Cond) -> Tensor:
         """Conditioning prefix (B, len_cond, D). Embeds the prompt tokens once and caches them on `t3_cond`, as upstream."""
         if t3_cond.cond_prompt_speech_tokens is not None and t3_cond.cond_prompt_speech_emb is None:
-            tokens = t3_cond.cond_prompt_speech_tokens.to(self.device)
-            emb = self.speech_emb(tokens)
-            if not self.is_gpt:
-                emb = emb + self.speech_pos_emb(tokens)
-            t3_cond.cond_prompt_speech_emb = emb
+            t3_cond.cond_prompt_speech_emb = self.embed_prompt_tokens(t3_cond.cond_prompt_speech_tokens)
         cond = T3Cond(
             speaker_emb=t3_cond.speaker_emb.to(self.device, self.dtype),
             clap_emb=t3_cond.clap_emb,
@@ -124,6 +120,12 @@ class T3(nn.Module):
             else t3_cond.emotion_adv,
         )
         return self.cond_enc(cond)
+
+    def embed_prompt_tokens(self, tokens: Tensor) -> Tensor:
+        """Speech-prompt tokens (1, P) -> embeddings (1, P, D) (plus learned positions for Llama variants)."""
+        tokens = tokens.to(self.device)
+        emb = self.speech_emb(tokens)
+        return emb + self.speech_pos_emb(tokens) if not self.is_gpt else emb
 
     def prepare_input_embeds(self, *, t3_cond: T3Cond, text_tokens: Tensor, speech_tokens: Tensor,
                              cfg_weight: float = 0.0) -> tuple[Tensor, int]:
