@@ -9,7 +9,7 @@ frames, and adds an FSMN memory: a depthwise k31 conv over the un-rotated values
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
 
 import torch
 import torch.nn.functional as F

@@ -244,7 +244,6 @@ class T3(nn.Module):
                 on_step: Optional[Callable[[int], None]] = None) -> Tensor:
         """Prefill, then sample up to `max_new_tokens` tokens; returns (1, N) ids trimmed at the first stop token."""
         device, B, L0 = prefill.device, prefill.shape[0], prefill.shape[1]
-        V = self.hp.speech_tokens_dict_size
         self._activate_cache(B, L0 + max_new_tokens, max_cache_len)
         gumbel = self._sampling_noise(max_new_tokens + 1, generator, greedy)
         steps = torch.arange(max_new_tokens, device=device)

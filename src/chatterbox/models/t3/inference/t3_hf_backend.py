@@ -5,7 +5,6 @@ exactly the checkpoint's keys.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
