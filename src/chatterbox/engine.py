@@ -177,6 +177,10 @@ class EngineBase:
             compile_model(self, **options)
         return self
 
+    def warmup_args(self, text: str) -> tuple:
+        """Positional arguments of `generate` for a warm-up request (multilingual adds a language)."""
+        return (text,)
+
     def warmup(self, **options) -> float:
         """Pre-compile the shape buckets (see `chatterbox.runtime.compile.warmup`); returns seconds taken."""
         from .runtime.compile import warmup

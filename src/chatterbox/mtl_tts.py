@@ -85,6 +85,9 @@ class ChatterboxMultilingualTTS(EngineBase):
         ckpt_dir = snapshot(REPO_ID, files, token=os.getenv("HF_TOKEN") or None)
         return cls.from_local(ckpt_dir, device, t3_model=t3_model, **kwargs)
 
+    def warmup_args(self, text: str) -> tuple:
+        return (text, "en")
+
     def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5) -> None:
         """Make the voice in `wav_fpath` (any rate, mono or stereo, >= 1 s) the current voice."""
         with self._lock:

@@ -99,13 +99,11 @@ def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int =
     the current voice's prompt), so later requests inside those buckets never compile.
     """
     t0 = time.perf_counter()
-    is_mtl = type(model).__name__ == "ChatterboxMultilingualTTS"
     if getattr(model, "t3", None) is not None:
         if getattr(model, "conds", None) is None:
             raise RuntimeError("warmup needs a voice: prepare_conditionals() first")
         for text in texts:
-            args = (text, "en") if is_mtl else (text,)
-            model.generate(*args, seed=seed, max_new_tokens=max_new_tokens)
+            model.generate(*model.warmup_args(text), seed=seed, max_new_tokens=max_new_tokens)
     s3gen = getattr(model, "s3gen", None)
     buckets = getattr(s3gen, "_length_buckets", None) if s3gen is not None else None
     if buckets:
