@@ -160,3 +160,72 @@ def load_checkpoint(kind: str, directory, device: str = "cpu", **kwargs):
 
         return ChatterboxMultilingualTTS.from_local(directory, device, **kwargs)
     raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-graph semantics on the CPU (tests, gpu_check --tiny)
+
+class CudaGraphEmulator:
+    """Emulates the output lifetime of CUDA-graph trees (`torch.compile(mode="reduce-overhead")`) on any device.
+
+    Under CUDA graphs an output of a replay lives in the graph's memory pool and is overwritten by
+    the next replay of any graph in the same tree. Functions wrapped by one emulator share one
+    "pool": before each call, every tensor that an earlier call returned is filled with garbage
+    (NaN for floats, a large negative number for integers, True for booleans). Code that keeps or
+    feeds back an output without cloning it then computes garbage, exactly as it would on a GPU.
+    """
+
+    INT_GARBAGE = -(2 ** 30)
+
+    def __init__(self):
+        self._live: list[torch.Tensor] = []
+        self.calls = 0
+
+    def _poison(self) -> None:
+        for t in self._live:
+            if t.is_floating_point() or t.is_complex():
+                t.fill_(float("nan"))
+            elif t.dtype == torch.bool:
+                t.fill_(True)
+            else:
+                t.fill_(self.INT_GARBAGE)
+        self._live = []
+
+    def _collect(self, out) -> None:
+        if torch.is_tensor(out):
+            self._live.append(out)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                self._collect(o)
+        elif isinstance(out, dict):
+            for o in out.values():
+                self._collect(o)
+
+    def wrap(self, fn: Callable) -> Callable:
+        """`fn` with CUDA-graph output lifetimes: its (and its siblings') previous outputs die at each call."""
+        import functools
+
+        @functools.wraps(fn)
+        def replay(*args, **kwargs):
+            with torch.inference_mode(False), torch.no_grad():
+                self._poison()
+            out = fn(*args, **kwargs)
+            self.calls += 1
+            self._collect(out)
+            return out
+
+        replay.__wrapped_by_emulator__ = self
+        return replay
+
+    def compile_hook(self, original: Callable) -> Callable:
+        """A drop-in for `chatterbox.runtime.compile.torch_compile`: reduce-overhead compiles become emulated graphs.
+
+        Other modes go to `original` unchanged. The function itself runs eagerly under emulation
+        (the emulation is about output lifetimes, not code generation).
+        """
+        def hook(fn, **kwargs):
+            if kwargs.get("mode") == "reduce-overhead":
+                return self.wrap(fn)
+            return original(fn, **kwargs)
+
+        return hook

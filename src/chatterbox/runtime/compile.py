@@ -37,6 +37,11 @@ def _dtype(d: DTypeLike) -> Optional[torch.dtype]:
         raise ValueError(f"unsupported dtype {d!r}; use float32, bfloat16 or float16") from None
 
 
+def torch_compile(fn, **kwargs):
+    """The one place the runtime calls `torch.compile` (tests swap it for `testing.CudaGraphEmulator.compile_hook`)."""
+    return torch.compile(fn, **kwargs)
+
+
 def configure_dynamo(cache_size_limit: int = 64, cache_dir: Optional[str] = None) -> None:
     """Raise dynamo's recompile limit so every bucket fits; optionally persist inductor's cache in `cache_dir`."""
     import torch._dynamo
@@ -58,7 +63,7 @@ def compile_t3(t3, *, mode: Optional[str] = None, dtype: DTypeLike = None, backe
         t3._caches.clear()  # caches are per dtype
     if mode is None and backend == "inductor":
         mode = "reduce-overhead" if t3.device.type == "cuda" else "default"
-    t3.decode_step = torch.compile(t3._decode_one_token, fullgraph=True, mode=mode, backend=backend)
+    t3.decode_step = torch_compile(t3._decode_one_token, fullgraph=True, mode=mode, backend=backend)
 
 
 def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None, t3: bool = True,
