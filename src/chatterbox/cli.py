@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `chatterbox serve ...`: the OpenAI-compatible HTTP server
+        from .serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.model == "multilingual" and not a.language:
