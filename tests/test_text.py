@@ -6,6 +6,7 @@ import pytest
 from chatterbox.text import (
     EMPTY_TEXT_SENTENCE,
     SUPPORTED_LANGUAGES,
+    is_speakable,
     punc_norm,
     punc_norm_multilingual,
     punc_norm_turbo,
@@ -53,6 +54,18 @@ def test_validate_text():
     assert validate_text("x" * 10, max_chars=10)
     with pytest.raises(TypeError):
         validate_text(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["...", "!!!", "\U0001f642\U0001f642", " - ; : ", "\u2014\u2026", "\u3002\uff01", "$%&*", "\u0301"])
+def test_validate_text_rejects_nothing_to_speak(text):
+    assert not is_speakable(text)
+    with pytest.raises(ValueError, match="nothing to speak"):
+        validate_text(text)
+
+
+@pytest.mark.parametrize("text", ["a", "7", "...ok!", "\u4f60", "\u0905", "\u0645", "\u00bd", "\u2167", "\U0001f642 hi"])
+def test_validate_text_accepts_any_letter_or_digit(text):
+    assert is_speakable(text) and validate_text(text) == text
 
 
 def test_validate_language():
