@@ -132,3 +132,115 @@ def test_norm_loudness():
     assert norm_loudness(z, sr) is z  # silent: unchanged
     short = x[: int(0.3 * sr)]
     assert norm_loudness(short, sr) is short  # shorter than one 400 ms block: unchanged
+
+
+# --- length caps and bounded decoding -------------------------------------------------------------
+
+def _write_long(path, seconds: float, sr: int, channels: int = 1, chunk_s: float = 10.0) -> None:
+    """A long PCM_16 file written chunk by chunk, so the test never holds it in memory."""
+    chunk = _voice(sr, chunk_s, seed=5)
+    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16") as f:
+        left = int(seconds * sr)
+        while left > 0:
+            block = chunk[: min(left, len(chunk))]
+            f.write(np.repeat(block[:, None], channels, 1) if channels > 1 else block)
+            left -= len(block)
+
+
+def _peak_bytes(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_too_long_reference_refused_from_header(tmp_path):
+    from chatterbox.reference import MAX_REFERENCE_SECONDS
+
+    path = tmp_path / "lecture.wav"
+    _write_long(path, 150.0, 48000, channels=2)  # 150 s > 120 s
+    assert MAX_REFERENCE_SECONDS == 120.0
+    with pytest.raises(ValueError, match=r"lecture\.wav is 150\.0 s long, above the limit of 120 s.*right file"):
+        load_reference(path, 24000)
+    load_reference(_voice(48000, 1.0), 24000, array_sr=48000)  # warm up librosa/soxr outside the measurement
+    _, peak = _peak_bytes(lambda: pytest.raises(ValueError, load_reference, path, 24000))
+    assert peak < 1_000_000  # decided from the header: nothing decoded (the samples would be 57 MB)
+    # the cap can be lifted or moved, and max_seconds still decodes only the start
+    out, peak = _peak_bytes(lambda: load_reference(path, 24000, limit_seconds=None, max_seconds=5.0))
+    assert len(out) == 5 * 24000 and peak < 6_000_000  # ~2.4 MB measured; all 150 s as mono is 28.8 MB
+    assert len(load_reference(path, 24000, limit_seconds=200, max_seconds=2.0)) == 48000
+
+
+def test_max_seconds_decodes_only_the_start_and_matches_a_full_decode(tmp_path):
+    sf.write(tmp_path / "r.wav", _voice(44100, 20.0, 3), 44100, subtype="FLOAT")
+    full = load_reference(tmp_path / "r.wav", 24000)
+    cut = load_reference(tmp_path / "r.wav", 24000, max_seconds=10.0)
+    assert len(cut) == 240000
+    np.testing.assert_array_equal(cut, full[:240000])  # the resampling margin makes the cut exact
+    short = load_reference(tmp_path / "r.wav", 24000, max_seconds=30.0)  # longer than the file: all of it
+    np.testing.assert_array_equal(short, full)
+    arr = load_reference(_voice(44100, 20.0, 3), 24000, array_sr=44100, max_seconds=10.0)
+    np.testing.assert_array_equal(arr, cut)
+    with pytest.raises(ValueError, match="below min_seconds"):
+        load_reference(tmp_path / "r.wav", 24000, min_seconds=5.0, max_seconds=2.0)
+
+
+def test_multichannel_mixed_across_read_blocks(tmp_path):
+    left, right, centre = _voice(48000, 5.0, 1), _voice(48000, 5.0, 2), _voice(48000, 5.0, 3)  # 4 blocks
+    sf.write(tmp_path / "s.wav", np.stack([left, right, centre], 1), 48000, subtype="FLOAT")
+    out = load_reference(tmp_path / "s.wav", 48000)
+    np.testing.assert_array_equal(out, np.stack([left, right, centre], 1).mean(axis=1))
+
+
+def test_array_references_are_capped_too():
+    with pytest.raises(ValueError, match=r"121\.0 s long, above the limit of 120 s"):
+        load_reference(np.full(121 * 1000, 0.1, np.float32), 16000, array_sr=1000)
+
+
+def test_header_without_length_is_still_bounded(tmp_path, monkeypatch):
+    import chatterbox.reference as ref
+
+    path = tmp_path / "stream.wav"
+    _write_long(path, 130.0, 8000)
+    monkeypatch.setattr(ref, "_header", lambda p: (None, 8000))  # as for a stream whose length is unknown
+    with pytest.raises(ValueError, match=r"121\.0 s long, above the limit of 120 s"):  # stopped at 120 + 1 s
+        load_reference(path, 8000)
+
+
+def test_formats_soundfile_cannot_open_fall_back_with_the_same_bounds(tmp_path, monkeypatch):
+    import soundfile
+
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(short, _voice(16000, 3.0, 4), 16000, subtype="PCM_16")
+    _write_long(long, 125.0, 8000)
+    expected = load_reference(short, 16000)
+
+    def no_info(path, *a, **k):
+        raise RuntimeError("format not supported")
+
+    monkeypatch.setattr(soundfile, "info", no_info)  # _header asks audioread, decoding goes through librosa
+    np.testing.assert_allclose(load_reference(short, 16000), expected, atol=1e-7)
+    assert len(load_reference(short, 16000, max_seconds=1.0)) == 16000
+    with pytest.raises(ValueError, match=r"125\.0 s long"):
+        load_reference(long, 8000)
+
+
+def test_vc_source_cap(tmp_path):
+    from chatterbox.reference import MAX_VC_SOURCE_SECONDS, load_source
+
+    path = tmp_path / "talk.wav"
+    _write_long(path, 301.0, 8000)
+    assert MAX_VC_SOURCE_SECONDS == 300.0
+    with pytest.raises(ValueError, match=r"talk\.wav is 301\.0 s long, above the limit of 300 s.*streaming"):
+        load_source(path, 16000)
+    assert len(load_source(path, 8000, max_seconds=400)) == 301 * 8000  # streaming passes a larger cap: all of it
+    sf.write(tmp_path / "s.wav", _voice(16000, 0.5, 1), 16000)
+    assert len(load_source(tmp_path / "s.wav", 16000)) == 8000  # short sources are fine (>= 0.1 s)
+    with pytest.raises(ValueError, match="silent"):
+        load_source(np.zeros(16000, np.float32), 16000)
+    with pytest.raises(FileNotFoundError, match="voice-conversion source"):
+        load_source(tmp_path / "missing.wav", 16000)
