@@ -87,6 +87,22 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mel_mask = make_non_pad_mask(h_len, mu.size(2))[:, None].to(mu.dtype)  # (B, 1, T_mel)
         return mu, mel_mask
 
+    def forward_packed(self, x: Tensor, x_len: Tensor, cond: Tensor, embedding: Tensor, noise: Tensor,
+                       n_timesteps: int = 10, meanflow: bool = False, finalize: bool = True) -> Tensor:
+        """Pure tensor program on packed rows: -> mel (B, 80, T_mel) over the whole rows, prompt frames included.
+
+        x (B, T) int: row i is [prompt_i | tokens_i | padding], x_len (B,) = P_i + N_i; cond (B, 80, T_mel)
+        holds row i's prompt mel in its first M_i frames and zeros after; embedding (B, 192) raw
+        x-vectors; noise (B, 80, T_mel) with T_mel = `mel_length(T, finalize)`. Frames below each
+        row's own length `mel_length(x_len_i, finalize)` do not depend on the padding.
+        """
+        w = self.spk_embed_affine_layer.weight
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1).to(w.dtype))  # (B, 80)
+        mu, mask = self.encode(x, x_len, finalize)  # (B, 80, T_mel), (B, 1, T_mel)
+        z = noise.to(mu.dtype)
+        t_span = self.decoder.time_grid(n_timesteps, meanflow, mu.device, mu.dtype)
+        return self.decoder.solve(z, t_span, mu, mask, spks.to(mu.dtype), cond.to(mu.dtype), meanflow)
+
     def forward_mel(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,
                     prompt_feat: Tensor, embedding: Tensor, noise: Tensor, n_timesteps: int = 10,
                     meanflow: bool = False, finalize: bool = True) -> Tensor:
@@ -98,9 +114,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         checked here (no host sync): call `validate_tokens` first, as `inference` does.
         """
         b = token.size(0)
-        w = self.spk_embed_affine_layer.weight
-        spks = self.spk_embed_affine_layer(F.normalize(torch.atleast_2d(embedding), dim=1).to(w.dtype))  # (1|B, 80)
-        spks = _batch(spks, b, 2)
+        embedding = _batch(torch.atleast_2d(embedding), b, 2)
         prompt_token = _batch(prompt_token, b, 2)
         prompt_token_len = _batch(prompt_token_len, b, 1)
         prompt_feat = _batch(prompt_feat, b, 3)
@@ -108,15 +122,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
         x = torch.cat([prompt_token.to(token.dtype), token], dim=1)  # (B, P+N)
         x_len = prompt_token_len.to(token_len.dtype) + token_len
         # prompt rows are never padded, so the new tokens follow the prompt directly
-        mu, mask = self.encode(x, x_len, finalize)  # (B, 80, T), (B, 1, T)
+        t_mel = self.mel_length(x.size(1), finalize)
         m = prompt_feat.size(1)
-        cond = torch.zeros_like(mu)
-        cond = torch.cat([prompt_feat.transpose(1, 2).to(mu.dtype), cond[:, :, m:]], dim=2)  # (B, 80, T)
-
-        z = noise.to(mu.dtype).expand(b, -1, -1)
-        t_span = self.decoder.time_grid(n_timesteps, meanflow, mu.device, mu.dtype)
-        feat = self.decoder.solve(z, t_span, mu, mask, spks.to(mu.dtype), cond, meanflow)
-        return feat[:, :, m:]
+        feat = prompt_feat.transpose(1, 2)  # (B, 80, M)
+        cond = torch.cat([feat, feat.new_zeros(b, feat.size(1), t_mel - m)], dim=2)  # (B, 80, T_mel)
+        z = noise.expand(b, -1, -1)
+        mel = self.forward_packed(x, x_len, cond, embedding, z, n_timesteps, meanflow, finalize)
+        return mel[:, :, m:]
 
     @torch.inference_mode()
     def inference(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,

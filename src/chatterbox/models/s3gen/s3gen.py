@@ -11,15 +11,24 @@ Differences from upstream that users may notice: a given `ref_dict` is not modif
 its integer tokens are not cast to float); out-of-range speech tokens raise `ValueError`;
 `n_cfm_timesteps=0` raises instead of silently meaning the default; the start fade is applied out
 of place and also works for outputs shorter than 40 ms.
+
+Batched synthesis (`S3Token2Wav.synthesize`, and its halves `synthesize_mels` / `vocode`) runs
+many requests through the flow as one padded batch: rows differ in token count and in voice
+(prompt tokens, prompt mel, x-vector); masks make the padding exact, each row's mel is cut back to
+its own frames, and HiFT (not causal) vocodes each row unpadded. With `set_length_buckets` the
+flow's token width is rounded up to a bucket, so compiled code sees a few fixed shapes. The
+reference front ends (resampler, mels, CAM++, S3 tokenizer) always compute in float32, whatever
+dtype the flow or the whole model was cast to.
 """
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...audio import resample
@@ -28,17 +37,17 @@ from .configs import CFM_PARAMS
 from .const import S3GEN_SR
 from .decoder import ConditionalDecoder
 from .f0_predictor import ConvRNNF0Predictor
-from .flow import CausalMaskedDiffWithXvec
+from .flow import CausalMaskedDiffWithXvec, validate_tokens
 from .flow_matching import CausalConditionalCFM, draw_noise
 from .hifigan import HiFTGenerator
 from .transformer.upsample_encoder import UpsampleConformerEncoder
 from .utils.mel import mel_spectrogram
-from .xvector import CAMPPlus
+from .xvector import CAMPPlus, extract_feature
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["S3Token2Mel", "S3Token2Wav", "S3GEN_SR", "S3_SR", "SPEECH_VOCAB_SIZE", "drop_invalid_tokens",
-           "get_resampler"]
+           "get_resampler", "bucket_for", "NoiseSource"]
 
 REF_KEYS = ("prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
 
@@ -54,6 +63,38 @@ def drop_invalid_tokens(x: Tensor) -> Tensor:
 def get_resampler(src_sr: int, dst_sr: int, device=None) -> Callable[[Tensor], Tensor]:
     """A callable resampling (..., L) from `src_sr` to `dst_sr` (torchaudio's default sinc kernel)."""
     return functools.partial(resample, orig_sr=src_sr, new_sr=dst_sr)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n; beyond the largest, round up to a multiple of 256."""
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    return -(-n // 256) * 256
+
+
+class NoiseSource(Protocol):
+    """Noise by absolute position, e.g. `chatterbox.runtime.noise.PositionalNoise` (80 channels)."""
+
+    def window(self, start: int, stop: int) -> Tensor:
+        """Positions [start, stop) as (1, 80, stop - start)."""
+        ...
+
+
+def _float32_state(module: nn.Module) -> Optional[dict[str, Tensor]]:
+    """None if every floating parameter/buffer of `module` is float32, else float32 copies of all of them."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if all(not t.is_floating_point() or t.dtype == torch.float32 for t in tensors.values()):
+        return None
+    return {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+
+
+def _call_float32(module: nn.Module, *args):
+    """`module(*args)` computed in float32, with temporary float32 weights if the module was cast down."""
+    state = _float32_state(module)
+    if state is None:
+        return module(*args)
+    return torch.func.functional_call(module, state, args)
 
 
 def _fade_in(n_trim: int) -> Tensor:
@@ -85,6 +126,7 @@ class S3Token2Mel(nn.Module):
         decoder = CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=estimator)
         self.flow = CausalMaskedDiffWithXvec(encoder=encoder, decoder=decoder)
         self.resamplers = {}
+        self._length_buckets: Optional[tuple[int, ...]] = None
 
     @property
     def device(self) -> torch.device:
@@ -109,23 +151,26 @@ class S3Token2Mel(nn.Module):
         """Reference wave (L,) or (1, L) at `ref_sr` -> the ref dict (`ref_fade_out` is unused, as upstream).
 
         Keys: prompt_token (1, P) int64, prompt_token_len (1,), prompt_feat (1, 2P or 2P+1, 80) 24 kHz
-        log-mel, prompt_feat_len None, embedding (1, 192) float32 CAM++ x-vector.
+        log-mel, prompt_feat_len None, embedding (1, 192) CAM++ x-vector. Everything here is computed
+        and returned in float32 (FFTs reject half precision on CUDA, and bf16 on the CPU); the flow
+        casts prompt_feat and embedding to its own dtype when it uses them.
         """
         device = self.device if device == "auto" else torch.device(device)
         if isinstance(ref_wav, np.ndarray):
-            ref_wav = torch.from_numpy(ref_wav).float()
-        ref_wav = ref_wav.to(device)
+            ref_wav = torch.from_numpy(ref_wav)
+        ref_wav = ref_wav.to(device=device, dtype=torch.float32)
         if ref_wav.dim() == 1:
             ref_wav = ref_wav[None]  # (1, L)
         if ref_wav.size(1) > 10 * ref_sr:
             logger.warning("s3gen received a reference longer than 10 s; the pipelines use only the first 10 s")
 
-        wav24 = resample(ref_wav, ref_sr, S3GEN_SR).to(dtype=self.dtype)
-        ref_mels = self.mel_extractor(wav24).transpose(1, 2).to(dtype=self.dtype)  # (1, M, 80)
+        wav24 = resample(ref_wav, ref_sr, S3GEN_SR)
+        ref_mels = self.mel_extractor(wav24).transpose(1, 2)  # (1, M, 80)
 
         wav16 = resample(ref_wav, ref_sr, S3_SR)
-        x_vector = self.speaker_encoder.inference(wav16.to(dtype=self.dtype))  # (1, 192)
-        tokens, token_lens = self.tokenizer(wav16.float())  # (1, P), (1,)
+        fbank, _, _ = extract_feature(wav16)  # (1, frames, 80) float32
+        x_vector = _call_float32(self.speaker_encoder, fbank)  # (1, 192)
+        tokens, token_lens = _call_float32(self.tokenizer, wav16)  # (1, P), (1,)
 
         # the flow needs M == 2P: cut the tokens when the mel is shorter
         if ref_mels.size(1) != 2 * tokens.size(1):
@@ -150,6 +195,98 @@ class S3Token2Mel(nn.Module):
             p = out["prompt_token"]
             out["prompt_token_len"] = torch.full((p.size(0),), p.size(-1), dtype=torch.long, device=p.device)
         return out
+
+    # ---- length buckets and batched flow ----------------------------------------------------------
+
+    @property
+    def length_buckets(self) -> Optional[tuple[int, ...]]:
+        """Total-token widths (prompt + new) the batched flow pads to, or None (pad to the longest row)."""
+        return self._length_buckets
+
+    def set_length_buckets(self, buckets: Optional[Sequence[int]]) -> None:
+        """Pad the batched flow's rows to the smallest of these total-token widths (None: no buckets)."""
+        if buckets is None or len(buckets) == 0:
+            self._length_buckets = None
+            return
+        b = tuple(sorted(int(x) for x in buckets))
+        if b[0] < 1:
+            raise ValueError(f"length buckets must be positive, got {buckets}")
+        self._length_buckets = b
+
+    def padded_length(self, n_tokens: int) -> int:
+        """Token width (prompt + new) the batched flow uses for a longest row of `n_tokens`."""
+        return n_tokens if self._length_buckets is None else bucket_for(n_tokens, self._length_buckets)
+
+    def noise_frames(self, ref_dict: dict, n_tokens: int, finalize: bool = True) -> int:
+        """Frames of initial flow noise a request of `n_tokens` new tokens needs (prompt frames included)."""
+        return self.flow.mel_length(ref_dict["prompt_token"].shape[-1] + int(n_tokens), finalize)
+
+    @torch.inference_mode()
+    def synthesize_mels(self, tokens: Sequence[Tensor], refs: Sequence[dict],
+                        noise: Sequence[Union[Tensor, NoiseSource]], *, n_cfm_timesteps: Optional[int] = None,
+                        finalize: bool = True, pad_to: Optional[int] = None) -> list[Tensor]:
+        """Many requests through the flow as one padded batch -> per row its own mel (1, 80, T_i).
+
+        Row i is [prompt_i | tokens_i | padding] with its own voice `refs[i]`; its initial noise is
+        `noise[i]`, either a tensor (1, 80, F_i) or a source whose `window(0, F_i)` gives it, with
+        F_i = `noise_frames(refs[i], N_i, finalize)` absolute frames from the start of the prompt
+        (meanflow uses the same noise for the generated frames: no second draw). The output is
+        frames M_i .. F_i (M_i = prompt mel length), exactly what the row gives alone: with
+        `finalize=False` the held-back look-ahead frames are each row's own last ones. The token
+        width is `pad_to`, else the length bucket of the longest row (`set_length_buckets`), else
+        the longest row. Rows with no output frames get (1, 80, 0) and skip the flow.
+        """
+        b = len(tokens)
+        if b == 0 or len(refs) != b or len(noise) != b:
+            raise ValueError(f"need as many refs and noises as token rows (>= 1), got {b}, {len(refs)}, {len(noise)}")
+        steps = self.default_timesteps(n_cfm_timesteps)
+        device, dtype = self.device, self.dtype
+        rows = []  # (index, ref, tokens (N,), n_total, mel frames F, prompt mel M)
+        out: list[Optional[Tensor]] = [None] * b
+        for i in range(b):
+            tok = tokens[i]
+            if not torch.is_tensor(tok) or tok.is_floating_point():
+                raise TypeError(f"tokens[{i}] must be an integer tensor, got {type(tok).__name__}"
+                                + (f" of {tok.dtype}" if torch.is_tensor(tok) else ""))
+            tok = tok.reshape(-1).to(device=device, dtype=torch.long)
+            ref = self._ref_on_device(refs[i])
+            if ref["prompt_token"].dim() != 2 or ref["prompt_token"].size(0) != 1:
+                raise ValueError(f"refs[{i}] must hold one voice (prompt_token (1, P)), "
+                                 f"got {tuple(ref['prompt_token'].shape)}")
+            p, m = ref["prompt_token"].size(-1), ref["prompt_feat"].size(1)
+            f = self.flow.mel_length(p + tok.numel(), finalize)
+            if f - m <= 0:
+                out[i] = torch.zeros(1, self.flow.output_size, 0, device=device, dtype=dtype)
+                continue
+            rows.append((i, ref, tok, p + tok.numel(), f, m))
+        if not rows:
+            return out  # type: ignore[return-value]
+
+        longest = max(r[3] for r in rows)
+        width = self.padded_length(longest) if pad_to is None else int(pad_to)
+        if width < longest:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({longest} tokens with its prompt)")
+        t_mel = self.flow.mel_length(width, finalize)
+        xs, conds, zs, embs = [], [], [], []
+        for i, ref, tok, n_total, f, m in rows:
+            xs.append(F.pad(torch.cat([ref["prompt_token"].reshape(-1), tok]), (0, width - n_total)))
+            feat = ref["prompt_feat"][0].t()  # (80, M)
+            conds.append(F.pad(feat, (0, t_mel - m)))
+            z = noise[i] if torch.is_tensor(noise[i]) else noise[i].window(0, f)
+            z = z.reshape(-1, z.size(-1))
+            if tuple(z.shape) != (self.flow.output_size, f):
+                raise ValueError(f"noise[{i}] must be (1, {self.flow.output_size}, {f}) (prompt frames included), "
+                                 f"got {tuple(noise[i].shape) if torch.is_tensor(noise[i]) else tuple(z.shape)}")
+            zs.append(F.pad(z.to(device=device, dtype=dtype), (0, t_mel - f)))
+            embs.append(ref["embedding"].reshape(-1))
+        x = torch.stack(xs)  # (B', W)
+        validate_tokens(x, self.flow.vocab_size)
+        x_len = torch.tensor([r[3] for r in rows], dtype=torch.long, device=device)
+        mel = self.flow.forward_packed(x, x_len, torch.stack(conds), torch.stack(embs), torch.stack(zs), steps,
+                                       self.meanflow, finalize)  # (B', 80, T_mel)
+        for k, (i, _ref, _tok, _n, f, m) in enumerate(rows):
+            out[i] = mel[k: k + 1, :, m:f]
+        return out  # type: ignore[return-value]
 
     def forward(self, speech_tokens: Tensor, ref_wav: Optional[Tensor], ref_sr: Optional[int],
                 ref_dict: Optional[dict] = None, n_cfm_timesteps: Optional[int] = None, finalize: bool = False,
@@ -218,7 +355,8 @@ class S3Token2Wav(S3Token2Mel):
                                generator=generator)
         if skip_vocoder:
             return mels
-        wavs, _ = self.mel2wav.inference(mels, None, generator=generator, deterministic=deterministic_vocoder)
+        wavs, _ = self.mel2wav.inference(mels.to(self.vocoder_dtype), None, generator=generator,
+                                         deterministic=deterministic_vocoder)
         return wavs if self.training else self.apply_trim_fade(wavs)
 
     @torch.inference_mode()
@@ -259,6 +397,76 @@ class S3Token2Wav(S3Token2Mel):
         mels = self.flow_inference(speech_tokens, ref_wav=ref_wav, ref_sr=ref_sr, ref_dict=ref_dict,
                                    n_cfm_timesteps=n_cfm_timesteps, finalize=True,
                                    speech_token_lens=speech_token_lens, noise=noise, generator=generator)
-        mels = mels.to(dtype=self.dtype)
-        wavs, sources = self.hift_inference(mels, None, generator=generator, deterministic=deterministic_vocoder)
+        wavs, sources = self.hift_inference(mels.to(self.vocoder_dtype), None, generator=generator,
+                                            deterministic=deterministic_vocoder)
         return self.apply_trim_fade(wavs), sources
+
+    # ---- batched synthesis ------------------------------------------------------------------------
+
+    @property
+    def vocoder_dtype(self) -> torch.dtype:
+        """Dtype of HiFT's weights (mels are cast to it before vocoding)."""
+        return self.mel2wav.conv_pre.bias.dtype
+
+    @torch.inference_mode()
+    def vocode(self, mels: Sequence[Tensor], generators: Sequence[Optional[torch.Generator]], *,
+               trim_fade: bool = True) -> list[Tensor]:
+        """Per-row mels (1, 80, T_i) -> waveforms (1, 480 T_i), HiFT's phases and noise from `generators[i]`.
+
+        HiFT is not causal, so rows are never padded: only rows of equal length run together. Each
+        row draws exactly what a single `inference` call draws from its generator, in that order
+        (None: the global RNG, rows in order). `trim_fade` applies the start fade.
+        """
+        if len(generators) != len(mels):
+            raise ValueError(f"need one generator (or None) per mel, got {len(generators)} for {len(mels)}")
+        hift, dtype = self.mel2wav, self.vocoder_dtype
+        mels = [m.reshape(1, m.size(-2), m.size(-1)).to(device=self.device, dtype=dtype) for m in mels]
+        draws = [hift.draw_noise(m, g) if m.size(-1) else None for m, g in zip(mels, generators)]
+        out: list[Optional[Tensor]] = [None] * len(mels)
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(mels):
+            groups.setdefault(m.size(-1), []).append(i)
+        for t, idx in groups.items():
+            if t == 0:
+                for i in idx:
+                    out[i] = mels[i].new_zeros(1, 0)
+                continue
+            phase = torch.cat([draws[i][0] for i in idx])
+            noise = torch.cat([draws[i][1] for i in idx])
+            wav, _ = hift.inference(torch.cat([mels[i] for i in idx]), None, phase=phase, noise=noise)
+            for k, i in enumerate(idx):
+                out[i] = self.apply_trim_fade(wav[k: k + 1]) if trim_fade else wav[k: k + 1]
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def synthesize(self, tokens: Sequence[Tensor], refs: Sequence[dict], *, flow_noise: Sequence[NoiseSource],
+                   hift_generators: Sequence[Optional[torch.Generator]], n_cfm_timesteps: Optional[int] = None,
+                   trim_fade: bool = True) -> list[Tensor]:
+        """Speech tokens (N_i,) of many requests, each with its own voice -> waveforms (1, 960 N_i - 480 (M_i - 2 P_i)).
+
+        The flow runs all rows as one exactly padded batch (`synthesize_mels`, noise
+        `flow_noise[i].window(0, F_i)`), HiFT each row unpadded (`vocode`). Row i's audio equals
+        the same request synthesized alone; a single request is a list of one.
+        """
+        if not (len(tokens) == len(refs) == len(flow_noise) == len(hift_generators)):
+            raise ValueError("tokens, refs, flow_noise and hift_generators must have one entry per request")
+        mels = self.synthesize_mels(tokens, refs, flow_noise, n_cfm_timesteps=n_cfm_timesteps, finalize=True)
+        return self.vocode(mels, hift_generators, trim_fade=trim_fade)
+
+    # ---- compilation hook -------------------------------------------------------------------------
+
+    COMPILE_REGIONS = ("encoder", "estimator", "hift_decode")
+
+    def compile_regions(self, wrap: Optional[Callable[[str, Callable], Callable]]) -> None:
+        """Route the flow encoder, the CFM estimator and HiFT's decode through `wrap(name, fn)` (None: eager).
+
+        `fn` is the region's eager bound method; the result is installed as an instance attribute
+        (`forward` / `decode`), so the modules, their names and state-dict keys stay unchanged.
+        The encoder and estimator see bucketed (static) shapes, HiFT's decode a per-row length.
+        """
+        regions = {"encoder": (self.flow.encoder, "forward"), "estimator": (self.flow.decoder.estimator, "forward"),
+                   "hift_decode": (self.mel2wav, "decode")}
+        for name, (module, attr) in regions.items():
+            module.__dict__.pop(attr, None)
+            if wrap is not None:
+                setattr(module, attr, wrap(name, getattr(type(module), attr).__get__(module)))
