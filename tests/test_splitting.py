@@ -1,12 +1,15 @@
-"""split_text: sentence/clause/word/character cuts, abbreviations, merging, and its guarantees."""
+"""Long text: split_text (cuts, abbreviations, merging, guarantees) and crossfade_join of the pieces."""
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
 
 import pytest
+import torch
 
+from chatterbox.audio import crossfade_join
 from chatterbox.text import (
     DEFAULT_MAX_CHARS,
     LANGUAGE_MAX_CHARS,
@@ -192,3 +195,77 @@ def test_long_input_is_fast():
     pieces = split_text(text)
     assert time.perf_counter() - start < 2.0
     assert len(pieces) == 1000 and pieces[0] == text.split(". ")[0] + "."
+
+
+# --- crossfade_join -------------------------------------------------------------------------------
+
+SR = 24000
+
+
+def _sine(n: int, freq: float, phase: float, amp: float = 0.5) -> torch.Tensor:
+    t = torch.arange(n, dtype=torch.float64) / SR
+    return (amp * torch.sin(2 * math.pi * freq * t + phase)).float()[None]
+
+
+def _max_step(x: torch.Tensor) -> float:
+    return float(x.reshape(-1).diff().abs().max())
+
+
+def test_crossfade_lengths():
+    pieces = [torch.ones(1, n) for n in (1000, 2000, 3000)]
+    assert crossfade_join(pieces, SR).shape == (1, 6000 - 2 * 480)  # 20 ms = 480 samples per join
+    assert crossfade_join(pieces, SR, fade_ms=10).shape == (1, 6000 - 2 * 240)
+    assert crossfade_join(pieces, SR, gap_ms=100).shape == (1, 6000 + 2 * 2400)
+    assert crossfade_join(pieces, SR, fade_ms=0).shape == (1, 6000)
+    # pieces shorter than the fade: the overlap shrinks to what is there (5, then 480 into the earlier audio)
+    assert crossfade_join([torch.ones(1, 1000), torch.ones(1, 5), torch.ones(1, 1000)], SR).shape == (1, 1520)
+    assert crossfade_join([torch.ones(1, 3), torch.ones(1, 2)], SR).shape == (1, 3)
+    assert crossfade_join([torch.ones(1, 3), torch.ones(1, 2)], SR, gap_ms=1).shape == (1, 5 + 24)
+    assert crossfade_join([torch.ones(1, 0), torch.ones(1, 700), torch.ones(0)], SR).shape == (1, 700)
+
+
+def test_crossfade_identity_and_empty():
+    x = _sine(5000, 220, 0.3)
+    for kw in ({}, {"gap_ms": 50}, {"equal_power": True}):
+        out = crossfade_join([x], SR, **kw)
+        assert out.shape == (1, 5000) and torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(crossfade_join([x[0]], SR), x)  # (n,) pieces are accepted
+    empty = crossfade_join([], SR)
+    assert empty.shape == (1, 0) and empty.dtype == torch.float32
+    assert crossfade_join([torch.zeros(1, 0)], SR).shape == (1, 0)
+    y = crossfade_join([x.double(), x.double()], SR)
+    assert y.dtype == torch.float64
+
+
+def test_crossfade_has_no_click():
+    a, b = _sine(4800, 220, math.pi / 2), _sine(4800, 330, -math.pi / 2)  # a ends near +0.5, b starts at -0.5
+    fade = 480
+    assert _max_step(torch.cat([a, b], 1)) > 0.95  # plain concatenation clicks
+    own = max(_max_step(a), _max_step(b))  # ~0.043 for the 330 Hz sine
+    out = crossfade_join([a, b], SR)
+    # a crossfade step is a convex mix of the signals' steps plus the gain change times |a - b| <= 2 * 0.5
+    assert _max_step(out) <= own + math.pi * 0.5 / fade + 1e-6
+    assert torch.equal(out[:, : 4800 - fade], a[:, : 4800 - fade])  # untouched outside the overlap
+    assert torch.equal(out[:, 4800:], b[:, fade:])
+    gapped = crossfade_join([a, b], SR, gap_ms=50)
+    assert _max_step(gapped) <= own + math.pi * 0.5 / fade + 1e-6
+    assert torch.count_nonzero(gapped[:, 4800: 4800 + 1200]) == 0  # 50 ms of silence between them
+    assert float(gapped[0, 4799].abs()) < 1e-4 and float(gapped[0, 6000].abs()) < 1e-4  # faded to ~0 at the gap
+
+
+def test_crossfade_gains():
+    n, fade = 2000, 480
+    ones, zeros = torch.ones(1, n), torch.zeros(1, n)
+    flat = crossfade_join([ones, ones], SR)  # raised cosine: gains sum to 1, a shared level is unchanged
+    assert torch.allclose(flat, torch.ones_like(flat), atol=1e-6)
+    out_gain = crossfade_join([ones, zeros], SR, equal_power=True)[0, n - fade: n]
+    in_gain = crossfade_join([zeros, ones], SR, equal_power=True)[0, n - fade: n]
+    assert torch.allclose(out_gain ** 2 + in_gain ** 2, torch.ones(fade), atol=1e-6)  # equal power
+    assert float(out_gain[0]) > 0.99 and float(in_gain[0]) < 0.01 and torch.all(in_gain.diff() > 0)
+
+
+def test_crossfade_bad_input():
+    with pytest.raises(ValueError, match="piece 1"):
+        crossfade_join([torch.ones(1, 10), torch.ones(2, 10)], SR)
+    with pytest.raises(ValueError, match=">= 0"):
+        crossfade_join([torch.ones(1, 10)], SR, fade_ms=-1)
