@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     server = uvicorn.Server(uv)
     logger.info("serving %s on http://%s:%d (playground at /, API at /v1; ready when GET /ready is 200)",
                 config.model_id, a.host, a.port)
-    server.run()  # SIGINT/SIGTERM: stop accepting, finish open responses, then the app closes the model
+    # uvicorn catches SIGINT/SIGTERM (stop accepting, finish open responses, then the app closes the model)
+    # and re-raises the signal afterwards; a no-op handler makes that end in a clean exit status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
     if failed:
         print(f"chatterbox serve: the model failed to load: {type(failed[0]).__name__}: {failed[0]}", file=sys.stderr)
         return 1
