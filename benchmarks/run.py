@@ -31,6 +31,7 @@ from chatterbox.models.s3gen import S3Gen  # noqa: E402
 from chatterbox.models.t3 import T3, T3Config  # noqa: E402
 from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS  # noqa: E402
 from chatterbox.models.voice_encoder import VoiceEncoder  # noqa: E402
+from chatterbox.runtime.noise import RequestRandomness  # noqa: E402
 from chatterbox.testing import apply_det_weights, det_state_dict, test_wav  # noqa: E402
 
 MODES = ("upstream_eager", "ours_eager", "ours_compiled_fp32", "ours_compiled_bf16")
@@ -94,7 +95,6 @@ def peak_mb(device: str) -> float:
 @torch.inference_mode()
 def run_once(tts, model: str, mode: str, tokens: int, device: str, seed: int) -> dict:
     """One end-to-end request; T3 and S3Gen timed separately. Returns timings and the waveform."""
-    gen = torch.Generator(device=device).manual_seed(seed)
     sync(device)
     t0 = time.perf_counter()
     if mode == "upstream_eager":
@@ -102,28 +102,26 @@ def run_once(tts, model: str, mode: str, tokens: int, device: str, seed: int) ->
         if model == "original":
             ids = tts.tokenizer.text_to_tokens(TEXT).long()
             ids = torch.cat([torch.tensor([[255]]), ids, torch.tensor([[0]])], 1).to(device)
-            n = upstream_style(tts.t3, tts._conds_for(0.5), ids, tokens)
+            n = upstream_style(tts.t3, tts._t3_cond(tts.conds, 0.5), ids, tokens)
         else:
             ids = tts.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
-            n = upstream_style_turbo(tts.t3, tts._conds_for(0.0), ids, tokens)
+            n = upstream_style_turbo(tts.t3, tts._t3_cond(tts.conds, 0.0), ids, tokens)
         speech = None
-    else:
-        if model == "original":
-            ids = tts.tokenizer.text_to_tokens(TEXT).long()
-            ids = torch.cat([torch.tensor([[255]]), ids, torch.tensor([[0]])], 1).to(device)
-            out = tts.t3.inference(t3_cond=tts._conds_for(0.5), text_tokens=ids, max_new_tokens=tokens, top_p=1.0,
-                                   generator=gen)
-        else:
-            ids = tts.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
-            out = tts.t3.inference_turbo(tts._conds_for(0.0), ids, max_gen_len=tokens - 1, generator=gen)
-        speech = tts._valid_speech(out)
-        n = out.shape[1]
+    else:  # through the model's scheduler: the path generate() takes (compiled step when compiled)
+        kw = dict(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, cfg_weight=0.5)
+        if model != "original":
+            kw.update(top_p=0.95, min_p=0.0, cfg_weight=0.0)
+        job = tts._job(TEXT, voice=tts.conds, params=tts._params(**kw), exaggeration=0.5 if model == "original" else 0.0,
+                       max_new_tokens=tokens if model == "original" else tokens - 1,
+                       rnd=RequestRandomness.create(device, seed=seed))
+        before = tts.scheduler.tokens_generated
+        speech = tts._decode_jobs([job])[0]
+        n = tts.scheduler.tokens_generated - before
     sync(device)
     t1 = time.perf_counter()
     # S3Gen on a fixed token sequence so every mode vocodes the same input
     fixed = torch.randint(0, 6561, (tokens,), generator=torch.Generator().manual_seed(seed)).to(device)
-    g2 = torch.Generator(device=device).manual_seed(seed)
-    wav = tts._tokens_to_wav(fixed, tts.conds.gen, g2, n_cfm_timesteps=2 if model == "turbo" else None)
+    wav = tts._s3gen_wavs([fixed], [tts.conds.gen], [RequestRandomness.create(device, seed=seed)])[0]
     sync(device)
     t2 = time.perf_counter()
     del speech

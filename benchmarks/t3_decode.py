@@ -25,6 +25,7 @@ from transformers.generation.logits_process import (
 
 from chatterbox.models.t3 import T3, T3Cond, T3Config
 from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
+from chatterbox.runtime.t3_decoder import SamplingParams, T3Decoder, decode_all, llama_request
 from chatterbox.testing import det_state_dict
 
 SMALL = dict(LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=4, intermediate_size=1024)
@@ -50,6 +51,14 @@ def make_inputs(model: T3, device: str):
     return cond, text.to(device)
 
 
+def cache_kw(backbone, cache) -> dict:
+    """The KV-cache keyword the installed transformers expects (`cache` from 5.24, `past_key_values` before)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.inference_mode()
 def upstream_style(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
     """Upstream's decode structure: DynamicCache, per-step processors, multinomial, host sync per token."""
@@ -57,7 +66,7 @@ def upstream_style(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
     hp, dev = model.hp, prefill.device
     rep, min_p, top_p = RepetitionPenaltyLogitsProcessor(1.2), MinPLogitsWarper(0.05), TopPLogitsWarper(1.0)
     cache = DynamicCache(config=model.cfg)
-    out = model.tfmr(inputs_embeds=prefill, past_key_values=cache, use_cache=True)
+    out = model.tfmr(inputs_embeds=prefill, **cache_kw(model.tfmr, cache), use_cache=True)
     logits = model.speech_head(out.last_hidden_state)[:, -1].float()
     ids = torch.tensor([[hp.start_speech_token]], device=dev)
     for i in range(n):
@@ -68,7 +77,7 @@ def upstream_style(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
         if nxt.view(-1) == hp.stop_speech_token:  # the per-token host sync
             return i + 1
         emb = model.speech_emb(nxt) + model.speech_pos_emb.get_fixed_embedding(i + 1)
-        out = model.tfmr(inputs_embeds=torch.cat([emb, emb]), past_key_values=cache, use_cache=True)
+        out = model.tfmr(inputs_embeds=torch.cat([emb, emb]), **cache_kw(model.tfmr, cache), use_cache=True)
         logits = model.speech_head(out.last_hidden_state)[:, -1].float()
     return n
 
@@ -82,7 +91,7 @@ def upstream_style_turbo(model: T3, cond: T3Cond, text: torch.Tensor, n: int) ->
     procs = [TemperatureLogitsWarper(0.8), TopKLogitsWarper(1000), TopPLogitsWarper(0.95),
              RepetitionPenaltyLogitsProcessor(1.2)]
     cache = DynamicCache(config=model.cfg)
-    out = model.tfmr(inputs_embeds=prefill, past_key_values=cache, use_cache=True)
+    out = model.tfmr(inputs_embeds=prefill, **cache_kw(model.tfmr, cache), use_cache=True)
     ids = torch.full((1, 1), model.hp.start_speech_token, device=prefill.device)
     generated = []
     for i in range(n):
@@ -96,14 +105,16 @@ def upstream_style_turbo(model: T3, cond: T3Cond, text: torch.Tensor, n: int) ->
         generated.append(nxt)
         if torch.all(nxt == model.hp.stop_speech_token):  # host sync 2
             return i + 1
-        out = model.tfmr(inputs_embeds=model.speech_emb(nxt), past_key_values=cache, use_cache=True)
+        out = model.tfmr(inputs_embeds=model.speech_emb(nxt), **cache_kw(model.tfmr, cache), use_cache=True)
     return n
 
 
-def ours(model: T3, cond: T3Cond, text: torch.Tensor, n: int) -> int:
-    toks = model.inference(t3_cond=cond, text_tokens=text, max_new_tokens=n, top_p=1.0,
-                           generator=torch.Generator(device=text.device).manual_seed(0))
-    return toks.shape[1]
+def ours(decoder: T3Decoder, cond: T3Cond, text: torch.Tensor, n: int) -> int:
+    """One CFG request through chatterbox-fast's slot decoder (the path generate() takes); tokens generated."""
+    req = llama_request(decoder.t3, cond, text, SamplingParams(top_p=1.0, cfg_weight=0.5), n,
+                        torch.Generator(device=text.device).manual_seed(0))
+    out = decode_all(decoder, [req])[0]
+    return len(out.tokens) + out.stopped
 
 
 def timed(fn, device: str, repeats: int) -> tuple[float, int]:
@@ -132,8 +143,9 @@ def main(argv=None) -> dict:
     model = build(a.config, a.device, dtype)
     cond, text = make_inputs(model, a.device)
     res = dict(config=a.config, device=a.device, dtype=a.dtype, torch=torch.__version__, tokens=a.tokens)
+    decoder = T3Decoder(model, slots=2, max_len=model.prefill_embeds(cond, text, cfg_weight=0.5).shape[1] + a.tokens)
     modes = [("upstream_style_eager", lambda: upstream_style(model, cond, text, a.tokens)),
-             ("ours_eager", lambda: ours(model, cond, text, a.tokens))]
+             ("ours_eager", lambda: ours(decoder, cond, text, a.tokens))]
     for name, fn in modes:
         fn()  # warm-up
         dt, n = timed(fn, a.device, a.repeats)
@@ -141,11 +153,11 @@ def main(argv=None) -> dict:
         print(f"{name:>24}: {n / dt:9.2f} tokens/s  ({n} tokens in {dt:.3f} s)")
     if not a.no_compile:
         mode = "reduce-overhead" if a.device == "cuda" else "default"
-        model.decode_step = torch.compile(model._decode_one_token, fullgraph=True, mode=mode)
+        decoder.step_fn = torch.compile(decoder._step, fullgraph=True, mode=mode)
         t = time.perf_counter()
-        ours(model, cond, text, a.tokens)
+        ours(decoder, cond, text, a.tokens)
         res["compile_s"] = round(time.perf_counter() - t, 1)
-        dt, n = timed(lambda: ours(model, cond, text, a.tokens), a.device, a.repeats)
+        dt, n = timed(lambda: ours(decoder, cond, text, a.tokens), a.device, a.repeats)
         res["ours_compiled"] = round(n / dt, 2)
         print(f"{'ours_compiled':>24}: {n / dt:9.2f} tokens/s  ({n} tokens in {dt:.3f} s; compile+first run {res['compile_s']} s)")
     print(json.dumps(res))

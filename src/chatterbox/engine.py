@@ -1,30 +1,39 @@
-"""What the public model classes share: conditionals, reference-voice preparation, the
-tokens -> waveform tail, watermarking, seeding, compile switch and the per-model lock.
+"""What the public model classes share: voices, the request pipeline (text -> T3 -> S3Gen -> audio),
+batching, watermarking, seeding, the scheduler and the compile switch.
 
-The public files (`tts.py`, `tts_turbo.py`, `mtl_tts.py`, `vc.py`) stay thin: each says what
-differs for its model (files, text front end, T3 call) and leaves the rest here.
+The public files (`tts.py`, `tts_turbo.py`, `mtl_tts.py`, `vc.py`) stay thin: each says what differs
+for its model (text front end, T3 request, defaults) and leaves the pipeline here.
+
+Concurrency: every model has one `runtime.scheduler.Scheduler`; T3 decoding of all concurrent
+calls (threads, `generate_batch` rows, streams) is batched on its worker thread. S3Gen runs in the
+calling thread (a batch's rows together). A call reads `self.conds` once, so a concurrent voice
+change never mixes two voices in one output.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .models.s3gen.const import S3GEN_SR
 from .models.s3tokenizer import S3_SR, SPEECH_VOCAB_SIZE
+from .models.t3.inference.sampling import SamplingParams
 from .models.t3.modules.cond_enc import T3Cond
 from .reference import load_reference
 from .reference import norm_loudness as _norm_loudness
+from .runtime.noise import PositionalNoise, RequestRandomness
 from .watermark import get_watermarker
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_PER_TOKEN = S3GEN_SR // 25  # 960 output samples per speech token
+MEL_CHANNELS = 80
 
 
 @dataclass
@@ -42,7 +51,7 @@ class Conditionals:
         return self
 
     def save(self, fpath: Union[str, Path]) -> None:
-        t3 = {f.name: getattr(self.t3, f.name) for f in fields(self.t3)}
+        t3 = {f.name: getattr(self.t3, f.name) for f in fields(self.t3) if f.name != "cond_prompt_speech_emb"}
         torch.save(dict(t3=t3, gen=self.gen), fpath)
 
     @classmethod
@@ -59,7 +68,7 @@ class Conditionals:
 
 
 def make_generator(device: str, seed: Optional[int], generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """The generator a request draws its noise from: the caller's, a fresh seeded one, or None (global RNG)."""
+    """The generator a request draws from: the caller's, a fresh seeded one, or None (global RNG)."""
     if generator is not None:
         return generator
     if seed is None:
@@ -67,11 +76,37 @@ def make_generator(device: str, seed: Optional[int], generator: Optional[torch.G
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def per_row(name: str, value: Any, n: int) -> list:
+    """A scalar for every row, or a list/tuple with exactly one value per row."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} texts")
+        return list(value)
+    return [value] * n
+
+
+@dataclass
+class Job:
+    """One utterance through the pipeline: its T3 request, voice and randomness."""
+
+    request: Any  # runtime.t3_decoder.DecodeRequest
+    conds: Conditionals
+    rnd: RequestRandomness
+
+
 class EngineBase:
-    """State and helpers shared by ChatterboxTTS, ChatterboxTurboTTS, ChatterboxMultilingualTTS and ChatterboxVC."""
+    """State and pipeline shared by ChatterboxTTS, ChatterboxTurboTTS, ChatterboxMultilingualTTS and ChatterboxVC."""
 
     ENC_COND_LEN = 6 * S3_SR
     DEC_COND_LEN = 10 * S3GEN_SR
+    MIN_PROMPT_SECONDS = 1.0
+    N_CFM_TIMESTEPS: Optional[int] = None  # S3Gen steps (None: the S3Gen default)
 
     def _init_tts(self, t3, s3gen, ve, tokenizer, device: str, conds: Optional[Conditionals], watermark: bool) -> None:
         self._init_engine(device, watermark)
@@ -82,12 +117,47 @@ class EngineBase:
         self.sr = S3GEN_SR
         self.device = device
         self.watermarker = get_watermarker(watermark)
-        # One request at a time per model: T3's static caches and compiled graphs are shared state.
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards voice changes and (re)configuration, not requests
+        self._scheduler = None
+        self._max_batch = 16 if str(device).startswith("cuda") else 4
+
+    # -------------------------------------------------------------- scheduler
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler that decodes this model's T3 requests (created on first use)."""
+        if self._scheduler is None:
+            with self._lock:
+                if self._scheduler is None:
+                    from .runtime.scheduler import Scheduler
+
+                    self._scheduler = Scheduler(self.t3, max_batch=self._max_batch)
+        return self._scheduler
+
+    def set_max_batch(self, n: int) -> None:
+        """How many requests T3 decodes together (decode slots; a CFG request uses two rows). Set before serving."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {n!r}")
+        self._max_batch = n
+        if self._scheduler is not None:
+            self._scheduler.configure(max_batch=n)
+
+    def engine_stats(self) -> dict:
+        """Scheduler counters: queue_depth, active, max_batch, tokens_generated, requests_done, steps."""
+        if getattr(self, "t3", None) is None:
+            return dict(queue_depth=0, active=0, max_batch=0, tokens_generated=0, requests_done=0, steps=0)
+        if self._scheduler is None:
+            return dict(queue_depth=0, active=0, max_batch=self._max_batch, tokens_generated=0, requests_done=0, steps=0)
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Finish in-flight requests and stop the scheduler thread (idempotent)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     # -------------------------------------------------------------- voice
-    def _load_ref24(self, wav_fpath, min_seconds: float = 1.0, norm_loudness: bool = False) -> np.ndarray:
-        ref24 = load_reference(wav_fpath, S3GEN_SR, min_seconds=min_seconds)
+    def _load_ref24(self, wav_fpath, min_seconds: Optional[float] = None, norm_loudness: bool = False) -> np.ndarray:
+        ref24 = load_reference(wav_fpath, S3GEN_SR, min_seconds=self.MIN_PROMPT_SECONDS if min_seconds is None
+                               else min_seconds)
         if norm_loudness:
             ref24 = _norm_loudness(ref24, S3GEN_SR)
         return ref24
@@ -100,6 +170,7 @@ class EngineBase:
         """Upstream's conditioning recipe: S3Gen ref from 24 kHz; prompt tokens and speaker embedding from 16 kHz."""
         import librosa
 
+        exaggeration = _finite("exaggeration", exaggeration)
         ref16 = librosa.resample(ref24, orig_sr=S3GEN_SR, target_sr=S3_SR)  # soxr_hq, as upstream
         gen = self._embed_gen(ref24)
         prompt_len = self.t3.hp.speech_cond_prompt_len
@@ -109,49 +180,129 @@ class EngineBase:
             prompt_tokens = torch.atleast_2d(prompt_tokens).to(self.device)
         speaker = self.ve.embed_wavs([ref16], sample_rate=S3_SR).float().mean(dim=0, keepdim=True).to(self.device)
         t3_cond = T3Cond(speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens,
-                         emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=self.device))
+                         emotion_adv=torch.full((1, 1, 1), exaggeration, device=self.device))
         return Conditionals(t3_cond, gen)
 
-    def _conds_for(self, exaggeration: float) -> T3Cond:
-        """The current voice's T3 conditioning with this request's exaggeration (no host read, prompt embedding kept)."""
-        if getattr(self, "conds", None) is None:
-            raise RuntimeError("no voice prepared: pass audio_prompt_path=... or call prepare_conditionals() first "
-                               "(the checkpoint directory had no conds.pt built-in voice)")
-        c = self.conds.t3
+    def make_conditionals(self, wav_fpath, exaggeration: float = 0.5, **kwargs) -> Conditionals:
+        """Build the voice in `wav_fpath` without touching `self.conds` (pass it as `generate(..., conds=)`)."""
+        return self._build_conditionals(self._load_ref24(wav_fpath, **kwargs), exaggeration)
+
+    def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5, **kwargs) -> None:
+        """Make the voice in `wav_fpath` the current voice (`self.conds`), as upstream."""
+        voice = self.make_conditionals(wav_fpath, exaggeration, **kwargs)
+        with self._lock:
+            self.conds = voice
+
+    def _voice(self, conds: Optional[Conditionals], audio_prompt_path, exaggeration: float, **prep) -> Conditionals:
+        """The voice of one call, read once: `conds`, else the prompt file (upstream: it becomes the current voice), else self.conds."""
+        if conds is not None:
+            if not isinstance(conds, Conditionals):
+                raise TypeError(f"conds must be a Conditionals (from make_conditionals), got {type(conds).__name__}")
+            return conds
+        if audio_prompt_path:
+            voice = self.make_conditionals(audio_prompt_path, exaggeration, **prep)
+            with self._lock:
+                self.conds = voice
+            return voice
+        voice = getattr(self, "conds", None)
+        if voice is None:
+            raise RuntimeError("no voice prepared: pass audio_prompt_path=... or conds=..., or call prepare_conditionals() "
+                               "first (the checkpoint directory had no conds.pt built-in voice)")
+        return voice
+
+    def _t3_cond(self, voice: Conditionals, exaggeration: float) -> T3Cond:
+        """The voice's T3 conditioning with this request's exaggeration (prompt embedding computed once per voice)."""
+        c = voice.t3
         if c.cond_prompt_speech_tokens is not None and c.cond_prompt_speech_emb is None:
-            c.cond_prompt_speech_emb = self.t3.embed_prompt_tokens(c.cond_prompt_speech_tokens)  # once per voice
+            c.cond_prompt_speech_emb = self.t3.embed_prompt_tokens(c.cond_prompt_speech_tokens)
         return T3Cond(speaker_emb=c.speaker_emb, clap_emb=c.clap_emb,
                       cond_prompt_speech_tokens=c.cond_prompt_speech_tokens,
                       cond_prompt_speech_emb=c.cond_prompt_speech_emb,
-                      emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=self.device))
+                      emotion_adv=torch.full((1, 1, 1), _finite("exaggeration", exaggeration), device=self.device))
 
-    def _llama_speech(self, text_ids: torch.Tensor, t3_cond: T3Cond, generator: Optional[torch.Generator],
-                      max_new_tokens: int, **sampling) -> torch.Tensor:
-        """(1, T) text ids without start/stop -> (N,) valid speech ids from the Llama T3 (English, multilingual)."""
+    # -------------------------------------------------------------- per-model hooks
+    def _text_ids(self, text: str, language: Optional[str]) -> torch.Tensor:
+        """Normalised text -> (1, T) token ids for T3 (without start/stop for Llama models)."""
+        raise NotImplementedError
+
+    def _t3_request(self, ids: torch.Tensor, t3_cond: T3Cond, params: SamplingParams, max_new_tokens: int,
+                    generator: Optional[torch.Generator]):
+        """The model's DecodeRequest for one utterance."""
+        from .runtime import t3_decoder as dec
+
         hp = self.t3.hp
-        ids = torch.cat([torch.tensor([[hp.start_text_token]]), text_ids.long().cpu(),
-                         torch.tensor([[hp.stop_text_token]])], dim=1)
-        speech = self.t3.inference(t3_cond=t3_cond, text_tokens=ids.to(self.device), max_new_tokens=max_new_tokens,
-                                   generator=generator, **sampling)
-        return self._valid_speech(speech)
+        ids = torch.cat([torch.tensor([[hp.start_text_token]]), ids.long().cpu(),
+                         torch.tensor([[hp.stop_text_token]])], dim=1).to(self.device)
+        return dec.llama_request(self.t3, t3_cond, ids, params, max_new_tokens, generator)
 
-    # -------------------------------------------------------------- tokens -> audio
-    @staticmethod
-    def _valid_speech(tokens: torch.Tensor) -> torch.Tensor:
-        """(1, N) or (N,) T3 output -> (N,) ids S3Gen can embed (drops start/stop and out-of-vocabulary ids)."""
-        tokens = tokens.reshape(-1)
-        return tokens[tokens < SPEECH_VOCAB_SIZE]
+    def _s3gen_tokens(self, speech: torch.Tensor) -> torch.Tensor:
+        """Valid T3 speech ids (N,) -> the tokens S3Gen vocodes (Turbo appends silence)."""
+        return speech
 
-    def _tokens_to_wav(self, speech: torch.Tensor, ref_dict: dict, generator: Optional[torch.Generator],
-                       n_cfm_timesteps: Optional[int] = None) -> torch.Tensor:
-        """(N,) speech ids -> (1, M) float32 waveform on the model device."""
-        if getattr(self.s3gen, "_length_buckets", None):  # compiled: padded length buckets, no recompiles
-            from .runtime.s3gen_buckets import bucketed_inference
-
-            return bucketed_inference(self.s3gen, speech, ref_dict, generator=generator, n_cfm_timesteps=n_cfm_timesteps)
-        kw = {} if n_cfm_timesteps is None else {"n_cfm_timesteps": n_cfm_timesteps}
-        wav, _ = self.s3gen.inference(speech_tokens=speech[None], ref_dict=ref_dict, generator=generator, **kw)
+    def _trim_wav(self, wav: torch.Tensor, n_speech: int) -> torch.Tensor:
+        """S3Gen's waveform -> this model's output length (multilingual drops the last token's audio)."""
         return wav
+
+    def _params(self, *, temperature, top_p, min_p, repetition_penalty, cfg_weight) -> SamplingParams:
+        """This model's validated sampler settings for one request (Llama models: CFG, no top-k)."""
+        return SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                              cfg_weight=cfg_weight).validate(gpt=False)
+
+    # -------------------------------------------------------------- the pipeline
+    def _job(self, text: str, *, voice: Conditionals, params: SamplingParams, exaggeration: float,
+             max_new_tokens: int, rnd: RequestRandomness, language: Optional[str] = None) -> Job:
+        """Text -> a validated T3 request (raises ValueError/TypeError on bad input, before anything runs)."""
+        ids = self._text_ids(text, language)
+        req = self._t3_request(ids, self._t3_cond(voice, exaggeration), params, max_new_tokens, rnd.t3)
+        self.scheduler.check(req)
+        return Job(req, voice, rnd)
+
+    @staticmethod
+    def _valid_speech(tokens) -> torch.Tensor:
+        """T3 ids -> (N,) ids S3Gen can embed (drops start/stop and other out-of-vocabulary ids)."""
+        t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        return t[t < SPEECH_VOCAB_SIZE]
+
+    def _decode_jobs(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """Submit every job's T3 request at once (they share decode steps); (N_i,) valid speech ids each."""
+        handles = [self.scheduler.submit(j.request) for j in jobs]
+        try:
+            return [self._valid_speech(h.result()).to(self.device) for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+
+    def _vocode(self, jobs: list[Job], speech: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Speech ids per job -> model waveforms (1, L_i) on the device; rows with no speech give (1, 0)."""
+        out: list[Optional[torch.Tensor]] = [None] * len(jobs)
+        rows = [i for i, s in enumerate(speech) if s.numel() > 0]
+        for i in range(len(jobs)):
+            if i not in rows:
+                logger.warning("no speech generated (T3 stopped immediately); returning empty audio")
+                out[i] = torch.zeros(1, 0, device=self.device)
+        if rows:
+            toks = [self._s3gen_tokens(speech[i]) for i in rows]
+            wavs = self._s3gen_wavs(toks, [jobs[i].conds.gen for i in rows], [jobs[i].rnd for i in rows])
+            for i, w in zip(rows, wavs):
+                out[i] = self._trim_wav(w, speech[i].numel())
+        return out  # type: ignore[return-value]
+
+    def _s3gen_wavs(self, tokens: list[torch.Tensor], refs: list[dict], rnds: list[RequestRandomness]) -> list[torch.Tensor]:
+        """S3Gen for several rows: flow noise by absolute frame from each row's flow generator, HiFT from its own."""
+        noises = [PositionalNoise(r.flow, MEL_CHANNELS, self.s3gen.device) for r in rnds]
+        synth = getattr(self.s3gen, "synthesize", None)
+        if synth is not None:
+            return synth(tokens, refs, flow_noise=noises, hift_generators=[r.hift for r in rnds],
+                         n_cfm_timesteps=self.N_CFM_TIMESTEPS)
+        out = []
+        for tok, ref, noise, r in zip(tokens, refs, noises, rnds):
+            n_total = ref["prompt_token"].shape[-1] + tok.numel()
+            z = noise.window(0, 2 * n_total, self.s3gen.dtype)
+            kw = {} if self.N_CFM_TIMESTEPS is None else {"n_cfm_timesteps": self.N_CFM_TIMESTEPS}
+            wav, _ = self.s3gen.inference(speech_tokens=tok[None], ref_dict=ref, noise=z, generator=r.hift, **kw)
+            out.append(wav)
+        return out
 
     def _finish(self, wav: torch.Tensor) -> torch.Tensor:
         """Model waveform -> watermarked float32 (1, N) CPU tensor."""
@@ -160,10 +311,85 @@ class EngineBase:
             wav_np = self.watermarker.apply_watermark(wav_np, sample_rate=self.sr)
         return torch.from_numpy(np.ascontiguousarray(wav_np, dtype=np.float32))[None]
 
-    @staticmethod
-    def _empty(reason: str) -> torch.Tensor:
-        logger.warning("no speech generated (%s); returning empty audio", reason)
-        return torch.zeros(1, 0)
+    def _pieces(self, text: str, split: bool, language: Optional[str]) -> list[str]:
+        if not split:
+            return [text]
+        from .text import split_text
+
+        pieces = split_text(text, language=language)
+        if not pieces:
+            raise ValueError("text is empty or only whitespace; pass the words to speak")
+        return pieces
+
+    def _run(self, rows: list[dict], *, split_text: bool) -> list[torch.Tensor]:
+        """rows: one dict per output (text, voice, params, exaggeration, max_new_tokens, seed, generator, language).
+
+        Each row may be split into pieces; every piece of every row is decoded together and vocoded
+        together, then each row's pieces are joined with a short crossfade and watermarked.
+        """
+        jobs: list[Job] = []
+        owners: list[int] = []
+        for i, r in enumerate(rows):
+            gen = r["generator"]
+            if gen is None and r["seed"] is not None:
+                gen = torch.Generator().manual_seed(int(r["seed"]))
+            for piece in self._pieces(r["text"], split_text, r.get("language")):
+                rnd = RequestRandomness.create(self.device, generator=gen)
+                jobs.append(self._job(piece, voice=r["voice"], params=r["params"], exaggeration=r["exaggeration"],
+                                      max_new_tokens=r["max_new_tokens"], rnd=rnd, language=r.get("language")))
+                owners.append(i)
+        with torch.inference_mode():
+            speech = self._decode_jobs(jobs)
+            wavs = self._vocode(jobs, speech)
+        out = []
+        for i in range(len(rows)):
+            parts = [w for w, o in zip(wavs, owners) if o == i]
+            if len(parts) == 1:
+                out.append(self._finish(parts[0]))
+            else:
+                from .audio import crossfade_join
+
+                out.append(self._finish(crossfade_join([p.float().cpu() for p in parts], self.sr)))
+        return out
+
+    def _check_common(self, text, max_new_tokens) -> None:
+        from .text import validate_text
+
+        validate_text(text, self.MAX_TEXT_CHARS)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+    MAX_TEXT_CHARS = 8192
+
+    def _batch(self, texts, *, conds, audio_prompt_path, seed, knobs: dict, split_text: bool,
+               languages: Optional[list] = None, prep: Optional[dict] = None) -> list[torch.Tensor]:
+        """`generate_batch`: every argument a scalar (all rows) or a list (one per row); one output per text, in order."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError("texts must be a list of strings (use generate() for one text)")
+        n = len(texts)
+        if n == 0:
+            return []
+        per = {k: per_row(k, v, n) for k, v in knobs.items()}
+        for t, m in zip(texts, per["max_new_tokens"]):
+            self._check_common(t, m)
+        conds_rows = per_row("conds", conds, n)
+        paths = per_row("audio_prompt_path", audio_prompt_path, n)
+        seeds = per_row("seed", seed, n)
+        made: dict = {}
+        rows = []
+        for i in range(n):
+            voice = conds_rows[i]
+            if voice is None and paths[i]:
+                key = (str(paths[i]), float(per["exaggeration"][i]))
+                if key not in made:
+                    made[key] = self.make_conditionals(paths[i], per["exaggeration"][i], **(prep or {}))
+                voice = made[key]
+            voice = self._voice(voice, None, per["exaggeration"][i])
+            sampling = {k: v[i] for k, v in per.items() if k not in ("exaggeration", "max_new_tokens")}
+            rows.append(dict(text=texts[i], voice=voice, params=self._params(**sampling),
+                             exaggeration=per["exaggeration"][i], max_new_tokens=per["max_new_tokens"][i],
+                             seed=seeds[i], generator=None, language=None if languages is None else languages[i]))
+        return self._run(rows, split_text=split_text)
 
     # -------------------------------------------------------------- speed
     def compile(self, **options) -> "EngineBase":
@@ -185,5 +411,5 @@ class EngineBase:
         """Pre-compile the shape buckets (see `chatterbox.runtime.compile.warmup`); returns seconds taken."""
         from .runtime.compile import warmup
 
-        with self._lock:
-            return warmup(self, **options)
+        return warmup(self, **options)
+

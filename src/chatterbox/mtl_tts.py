@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
-from .checkpoints import load_into, load_weights, require_files, resolve_device, snapshot
-from .engine import SAMPLES_PER_TOKEN, Conditionals, EngineBase, make_generator
-from .models.s3gen import S3Gen
-from .models.t3 import T3
-from .models.t3.modules.t3_config import T3Config
-from .models.tokenizers import MTLTokenizer
-from .models.voice_encoder import VoiceEncoder
+from .checkpoints import resolve_device
+from .engine import SAMPLES_PER_TOKEN, Conditionals, EngineBase, per_row
+from .registry import download_checkpoint, get_spec, load_components
 from .text import SUPPORTED_LANGUAGES
 from .text import punc_norm as _punc_norm
-from .text import validate_language, validate_text
+from .text import validate_language
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +23,6 @@ MULTILINGUAL_T3_MODELS = {
     "v3": "t3_mtl23ls_v3.safetensors",
     "t3_mtl23ls_v3": "t3_mtl23ls_v3.safetensors",
 }
-TOKENIZER_FILE = "grapheme_mtl_merged_expanded_v1.json"
-MAX_TEXT_CHARS = 8192
 
 __all__ = ["ChatterboxMultilingualTTS", "Conditionals", "SUPPORTED_LANGUAGES", "punc_norm", "REPO_ID"]
 
@@ -50,12 +43,19 @@ def resolve_t3_file(t3_model: Optional[str]) -> str:
     raise ValueError(f"unknown t3_model {t3_model!r}; use 'v2', 'v3' or a '.safetensors' file name")
 
 
+def _language(language_id) -> str:
+    code = validate_language(language_id)
+    if code is None:
+        raise ValueError("language_id is required, e.g. 'en' or 'fr' (see SUPPORTED_LANGUAGES)")
+    return code
+
+
 class ChatterboxMultilingualTTS(EngineBase):
     ENC_COND_LEN = 6 * 16000
     DEC_COND_LEN = 10 * 24000
 
-    def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: MTLTokenizer, device: str,
-                 conds: Optional[Conditionals] = None, *, watermark: bool = True):
+    def __init__(self, t3, s3gen, ve, tokenizer, device: str, conds: Optional[Conditionals] = None, *,
+                 watermark: bool = True):
         self._init_tts(t3, s3gen, ve, tokenizer, device, conds, watermark)
 
     @classmethod
@@ -66,51 +66,49 @@ class ChatterboxMultilingualTTS(EngineBase):
     def from_local(cls, ckpt_dir, device, t3_model: Optional[str] = None, **kwargs) -> "ChatterboxMultilingualTTS":
         """Load ve.pt, the T3 file (v2 default, v3), s3gen.pt and the grapheme tokenizer from a directory."""
         device = resolve_device(device)
-        t3_file = resolve_t3_file(t3_model)
-        ckpt_dir = require_files(ckpt_dir, ["ve.pt", t3_file, "s3gen.pt", TOKENIZER_FILE], "ChatterboxMultilingualTTS")
-        ve = load_into(VoiceEncoder(), load_weights(ckpt_dir / "ve.pt", device), name="ve.pt").to(device).eval()
-        t3 = T3.from_state_dict(load_weights(ckpt_dir / t3_file), T3Config.multilingual()).to(device)
-        s3gen = load_into(S3Gen(), load_weights(ckpt_dir / "s3gen.pt", device), name="s3gen.pt").to(device).eval()
-        tokenizer = MTLTokenizer(str(ckpt_dir / TOKENIZER_FILE))
-        conds = None
-        if (ckpt_dir / "conds.pt").is_file():
-            conds = Conditionals.load(ckpt_dir / "conds.pt", map_location="cpu").to(device)
-        return cls(t3, s3gen, ve, tokenizer, device, conds=conds, **kwargs)
+        c = load_components(get_spec("multilingual", t3_file=resolve_t3_file(t3_model)), ckpt_dir, device)
+        return cls(c.t3, c.s3gen, c.ve, c.tokenizer, device, conds=c.conds, **kwargs)
 
     @classmethod
     def from_pretrained(cls, device, t3_model: Optional[str] = None, **kwargs) -> "ChatterboxMultilingualTTS":
         """Download the multilingual files of `ResembleAI/chatterbox` from the Hub (cached) and load them."""
         device = resolve_device(device)
-        files = ["ve.pt", resolve_t3_file(t3_model), "s3gen.pt", TOKENIZER_FILE, "conds.pt", "Cangjie5_TC.json"]
-        ckpt_dir = snapshot(REPO_ID, files, token=os.getenv("HF_TOKEN") or None)
-        return cls.from_local(ckpt_dir, device, t3_model=t3_model, **kwargs)
+        spec = get_spec("multilingual", t3_file=resolve_t3_file(t3_model))
+        return cls.from_local(download_checkpoint(spec), device, t3_model=t3_model, **kwargs)
 
     def warmup_args(self, text: str) -> tuple:
         return (text, "en")
 
-    def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5) -> None:
-        """Make the voice in `wav_fpath` (any rate, mono or stereo, >= 1 s) the current voice."""
-        with self._lock:
-            self.conds = self._build_conditionals(self._load_ref24(wav_fpath), exaggeration)
+    def _text_ids(self, text: str, language: Optional[str]) -> torch.Tensor:
+        return self.tokenizer.text_to_tokens(punc_norm(text), language_id=language)
+
+    def _trim_wav(self, wav: torch.Tensor, n_speech: int) -> torch.Tensor:
+        return wav[..., : max(1, n_speech - 1) * SAMPLES_PER_TOKEN]  # upstream main drops the last token's audio
 
     @torch.inference_mode()
     def generate(self, text, language_id, audio_prompt_path=None, exaggeration=0.5, cfg_weight=0.5,
-                 temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0, *, seed: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000) -> torch.Tensor:
+                 temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0, *,
+                 conds: Optional[Conditionals] = None, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
+                 split_text: bool = False) -> torch.Tensor:
         """Speak `text` in `language_id` (a code of SUPPORTED_LANGUAGES); float32 (1, N) CPU tensor at 24 kHz."""
-        language = validate_language(language_id)
-        validate_text(text, MAX_TEXT_CHARS)
-        with self._lock:
-            if audio_prompt_path:
-                self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-            gen = make_generator(self.device, seed, generator)
-            ids = self.tokenizer.text_to_tokens(punc_norm(text), language_id=language)
-            speech = self._llama_speech(ids, self._conds_for(exaggeration), gen, max_new_tokens,
-                                        temperature=temperature, cfg_weight=cfg_weight,
-                                        repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p)
-            n = speech.numel()
-            if n == 0:
-                return self._empty("T3 stopped immediately")
-            wav = self._tokens_to_wav(speech, self.conds.gen, gen)
-            wav = wav[..., : max(1, n - 1) * SAMPLES_PER_TOKEN]  # upstream main drops the last token's audio
-            return self._finish(wav)
+        language = _language(language_id)
+        self._check_common(text, max_new_tokens)
+        voice = self._voice(conds, audio_prompt_path, exaggeration)
+        params = self._params(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                              cfg_weight=cfg_weight)
+        return self._run([dict(text=text, voice=voice, params=params, exaggeration=exaggeration,
+                               max_new_tokens=max_new_tokens, seed=seed, generator=generator, language=language)],
+                         split_text=split_text)[0]
+
+    def generate_batch(self, texts, language_id, *, conds=None, audio_prompt_path=None, seed=None,
+                       exaggeration=0.5, cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05,
+                       top_p=1.0, max_new_tokens=1000, split_text: bool = False) -> list[torch.Tensor]:
+        """Speak many texts at once; `language_id` and every argument a scalar or one value per text."""
+        n = len(texts) if isinstance(texts, (list, tuple)) else 0
+        languages = [_language(x) for x in per_row("language_id", language_id, n)]
+        return self._batch(texts, conds=conds, audio_prompt_path=audio_prompt_path, seed=seed, split_text=split_text,
+                           languages=languages,
+                           knobs=dict(repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
+                                      exaggeration=exaggeration, cfg_weight=cfg_weight, temperature=temperature,
+                                      max_new_tokens=max_new_tokens))

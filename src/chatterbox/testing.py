@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ test_wav.__test__ = False  # not a pytest test
 # ---------------------------------------------------------------------------------------------
 # Checkpoint directories with upstream's file names, filled by the rule (tests, demo, benchmark)
 
-CHECKPOINT_KINDS = ("english", "turbo", "nano", "multilingual")
+CHECKPOINT_KINDS = ("english", "turbo", "nano", "multilingual")  # "english" = the original model (registry alias)
 
 
 def _det_t3_state(hp, salt: int) -> dict[str, torch.Tensor]:
@@ -93,11 +93,11 @@ def _det_t3_state(hp, salt: int) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(kind: str, directory, *, salt: int = 0, with_conds: bool = True, ref_seconds: float = 6.0):
-    """Write a complete checkpoint directory for `kind` (english, turbo, nano, multilingual).
+    """Write a complete checkpoint directory for `kind` (original/english, turbo, nano, multilingual).
 
-    Upstream's file names and tensor layouts, every weight from the deterministic rule, small but
-    real tokenizers, and (with_conds) a `conds.pt` built-in voice prepared from `test_wav`.
-    Returns the directory as a Path.
+    Upstream's file names and tensor layouts (from `chatterbox.registry`), every weight from the
+    deterministic rule, small but real tokenizers, and (with_conds) a `conds.pt` built-in voice
+    prepared from `test_wav`. Returns the directory as a Path.
     """
     from pathlib import Path
 
@@ -106,33 +106,25 @@ def write_checkpoint(kind: str, directory, *, salt: int = 0, with_conds: bool = 
     from .models.s3gen import S3Gen
     from .models.t3.modules.t3_config import T3Config
     from .models.voice_encoder import VoiceEncoder
+    from .registry import get_spec
     from .testing_tokenizers import write_cangjie_map, write_en_tokenizer, write_mtl_tokenizer, write_turbo_tokenizer
 
-    if kind not in CHECKPOINT_KINDS:
-        raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+    spec = get_spec(kind)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    ve = det_state_dict(VoiceEncoder(), salt)
-    s3 = det_state_dict(S3Gen(meanflow=kind in ("turbo", "nano")), salt)
-    s3 = {k: v.contiguous() for k, v in s3.items()}
-    if kind == "english":
-        save_file(ve, str(d / "ve.safetensors"))
-        save_file(_det_t3_state(T3Config.english_only(), salt), str(d / "t3_cfg.safetensors"))
-        save_file(s3, str(d / "s3gen.safetensors"))
-        write_en_tokenizer(d)
-    elif kind in ("turbo", "nano"):
-        save_file(ve, str(d / "ve.safetensors"))
-        hp = T3Config.nano() if kind == "nano" else T3Config.turbo()
-        save_file(_det_t3_state(hp, salt), str(d / ("t3_nano_v1.safetensors" if kind == "nano" else "t3_turbo_v1.safetensors")))
-        save_file(s3, str(d / "s3gen_meanflow.safetensors"))
-        write_turbo_tokenizer(d)
-    else:
-        torch.save(ve, str(d / "ve.pt"))
-        save_file(_det_t3_state(T3Config.multilingual(), salt), str(d / "t3_mtl23ls_v2.safetensors"))
-        torch.save(s3, str(d / "s3gen.pt"))
-        write_mtl_tokenizer(d)
+
+    def save(sd: dict, name: str) -> None:
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(d / name))
+        else:
+            torch.save(sd, str(d / name))
+
+    save(det_state_dict(VoiceEncoder(), salt), spec.ve_file)
+    save(_det_t3_state(getattr(T3Config, spec.t3_config)(), salt), spec.t3_file)
+    save(det_state_dict(S3Gen(meanflow=spec.meanflow), salt), spec.s3gen_file)
+    {"english": write_en_tokenizer, "gpt2": write_turbo_tokenizer, "multilingual": write_mtl_tokenizer}[spec.text_frontend](d)
+    if spec.text_frontend == "multilingual":
         write_cangjie_map(d)
-    del ve, s3
     if with_conds:
         import soundfile as sf
 
@@ -141,25 +133,16 @@ def write_checkpoint(kind: str, directory, *, salt: int = 0, with_conds: bool = 
         model = load_checkpoint(kind, d, "cpu", watermark=False)
         model.prepare_conditionals(str(ref))
         model.conds.save(d / "conds.pt")
+        model.close()
         ref.unlink()
     return d
 
 
 def load_checkpoint(kind: str, directory, device: str = "cpu", **kwargs):
-    """`from_local` of the public class that serves `kind`."""
-    if kind == "english":
-        from .tts import ChatterboxTTS
+    """`from_local` of the public class that serves `kind` (see `chatterbox.registry.load_model`)."""
+    from .registry import load_model
 
-        return ChatterboxTTS.from_local(directory, device, **kwargs)
-    if kind in ("turbo", "nano"):
-        from .tts_turbo import ChatterboxTurboTTS
-
-        return ChatterboxTurboTTS.from_local(directory, device, nano=kind == "nano", **kwargs)
-    if kind == "multilingual":
-        from .mtl_tts import ChatterboxMultilingualTTS
-
-        return ChatterboxMultilingualTTS.from_local(directory, device, **kwargs)
-    raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+    return load_model(kind, directory, device, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +166,13 @@ class CudaGraphEmulator:
 
     def _poison(self) -> None:
         for t in self._live:
-            if t.is_floating_point() or t.is_complex():
-                t.fill_(float("nan"))
-            elif t.dtype == torch.bool:
-                t.fill_(True)
-            else:
-                t.fill_(self.INT_GARBAGE)
+            with torch.inference_mode(t.is_inference()), torch.no_grad():
+                if t.is_floating_point() or t.is_complex():
+                    t.fill_(float("nan"))
+                elif t.dtype == torch.bool:
+                    t.fill_(True)
+                else:
+                    t.fill_(self.INT_GARBAGE)
         self._live = []
 
     def _collect(self, out) -> None:
@@ -207,8 +191,7 @@ class CudaGraphEmulator:
 
         @functools.wraps(fn)
         def replay(*args, **kwargs):
-            with torch.inference_mode(False), torch.no_grad():
-                self._poison()
+            self._poison()
             out = fn(*args, **kwargs)
             self.calls += 1
             self._collect(out)
@@ -229,3 +212,68 @@ class CudaGraphEmulator:
             return original(fn, **kwargs)
 
         return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# Small public models (tests, gpu_check --tiny): a 2-layer T3 of the kind's family + full-size S3Gen/VE
+
+TINY_BACKBONES = {  # name -> (base config, overrides)
+    "tiny_llama": ("Llama_520M", dict(num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                                      num_key_value_heads=4, head_dim=256)),
+    "tiny_gpt2_medium": ("GPT2_medium", dict(n_layer=2)),
+    "tiny_gpt2_small": ("GPT2_small", dict(n_layer=2)),
+}
+_TINY_FOR_KIND = {"english": "tiny_llama", "original": "tiny_llama", "multilingual": "tiny_llama",
+                  "turbo": "tiny_gpt2_medium", "nano": "tiny_gpt2_small"}
+
+
+def tiny_t3(kind: str, salt: int = 0):
+    """A T3 of `kind`'s variant with a 2-layer backbone, deterministic weights (registers the tiny config by name)."""
+    from .models.t3 import T3
+    from .models.t3.llama_configs import LLAMA_CONFIGS
+    from .models.t3.modules.t3_config import T3Config
+    from .registry import get_spec
+
+    name = _TINY_FOR_KIND[kind]
+    base, over = TINY_BACKBONES[name]
+    LLAMA_CONFIGS.setdefault(name, dict(LLAMA_CONFIGS[base], **over))
+    hp = getattr(T3Config, get_spec(kind).t3_config)()
+    hp.llama_config_name = name
+    with torch.device("meta"):
+        shell = T3(hp)
+    return T3.from_state_dict(det_state_dict(shell, salt), hp)
+
+
+def tiny_model(kind: str, workdir, *, device: str = "cpu", ref_seconds: Optional[float] = None,
+               watermark: bool = False, salt: int = 0):
+    """A public model object of `kind` with a tiny T3 and full-size deterministic S3Gen/VoiceEncoder, voice prepared.
+
+    Same classes and code paths as a real checkpoint; only the T3 backbone is 2 layers deep, so
+    tests of the pipeline, batching, streaming and serving run in seconds on a CPU.
+    """
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from .models.s3gen import S3Gen
+    from .models.voice_encoder import VoiceEncoder
+    from .registry import _load_tokenizer, api_class, get_spec
+    from .testing_tokenizers import write_cangjie_map, write_en_tokenizer, write_mtl_tokenizer, write_turbo_tokenizer
+
+    spec = get_spec(kind)
+    d = Path(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    {"english": write_en_tokenizer, "gpt2": write_turbo_tokenizer, "multilingual": write_mtl_tokenizer}[spec.text_frontend](d)
+    if spec.text_frontend == "multilingual":
+        write_cangjie_map(d)
+    t3 = tiny_t3(spec.kind, salt).to(device)
+    s3 = apply_det_weights(S3Gen(meanflow=spec.meanflow), salt).to(device).eval()
+    ve = apply_det_weights(VoiceEncoder(), salt).to(device).eval()
+    cls = api_class(spec.kind)
+    kw = {"model_label": "Nano" if spec.kind == "nano" else "Turbo"} if spec.text_frontend == "gpt2" else {}
+    model = cls(t3, s3, ve, _load_tokenizer(spec, d), device, watermark=watermark, **kw)
+    seconds = ref_seconds or (5.5 if spec.meanflow else 2.0)
+    ref = d / f"voice_{salt}.wav"
+    sf.write(str(ref), test_wav(24000, seconds, seed=4321 + salt).numpy(), 24000, subtype="FLOAT")
+    model.prepare_conditionals(str(ref))
+    return model

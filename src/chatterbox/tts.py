@@ -6,21 +6,14 @@ from typing import Optional
 
 import torch
 
-from .checkpoints import download, load_into, load_weights, require_files, resolve_device
-from .engine import Conditionals, EngineBase, make_generator
-from .models.s3gen import S3Gen
-from .models.t3 import T3
-from .models.t3.modules.t3_config import T3Config
-from .models.tokenizers import EnTokenizer
-from .models.voice_encoder import VoiceEncoder
+from .checkpoints import resolve_device
+from .engine import Conditionals, EngineBase
+from .registry import download_checkpoint, get_spec, load_components
 from .text import punc_norm as _punc_norm
-from .text import validate_text
 
 logger = logging.getLogger(__name__)
 
 REPO_ID = "ResembleAI/chatterbox"
-FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
-MAX_TEXT_CHARS = 8192  # well above what one call can speak (1000 speech tokens = 40 s)
 
 __all__ = ["ChatterboxTTS", "Conditionals", "punc_norm", "REPO_ID"]
 
@@ -34,54 +27,50 @@ class ChatterboxTTS(EngineBase):
     ENC_COND_LEN = 6 * 16000
     DEC_COND_LEN = 10 * 24000
 
-    def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: EnTokenizer, device: str,
-                 conds: Optional[Conditionals] = None, *, watermark: bool = True):
+    def __init__(self, t3, s3gen, ve, tokenizer, device: str, conds: Optional[Conditionals] = None, *,
+                 watermark: bool = True):
         self._init_tts(t3, s3gen, ve, tokenizer, device, conds, watermark)
 
     @classmethod
     def from_local(cls, ckpt_dir, device, **kwargs) -> "ChatterboxTTS":
         """Load upstream's checkpoint files from a directory (ve/t3_cfg/s3gen .safetensors, tokenizer.json, optional conds.pt)."""
         device = resolve_device(device)
-        ckpt_dir = require_files(ckpt_dir, FILES[:4], "ChatterboxTTS")
-        ve = load_into(VoiceEncoder(), load_weights(ckpt_dir / "ve.safetensors"), name="ve.safetensors").to(device).eval()
-        t3 = T3.from_state_dict(load_weights(ckpt_dir / "t3_cfg.safetensors"), T3Config.english_only()).to(device)
-        s3gen = load_into(S3Gen(), load_weights(ckpt_dir / "s3gen.safetensors"), name="s3gen.safetensors", strict=False)
-        s3gen = s3gen.to(device).eval()
-        tokenizer = EnTokenizer(str(ckpt_dir / "tokenizer.json"))
-        conds = None
-        if (ckpt_dir / "conds.pt").is_file():
-            conds = Conditionals.load(ckpt_dir / "conds.pt", map_location="cpu").to(device)
-        return cls(t3, s3gen, ve, tokenizer, device, conds=conds, **kwargs)
+        c = load_components(get_spec("original"), ckpt_dir, device)
+        return cls(c.t3, c.s3gen, c.ve, c.tokenizer, device, conds=c.conds, **kwargs)
 
     @classmethod
     def from_pretrained(cls, device, **kwargs) -> "ChatterboxTTS":
         """Download `ResembleAI/chatterbox` from the Hugging Face Hub (cached) and load it."""
         device = resolve_device(device)
-        return cls.from_local(download(REPO_ID, FILES), device, **kwargs)
+        return cls.from_local(download_checkpoint(get_spec("original")), device, **kwargs)
 
-    def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5) -> None:
-        """Make the voice in `wav_fpath` (any rate, mono or stereo, >= 1 s) the current voice."""
-        with self._lock:
-            self.conds = self._build_conditionals(self._load_ref24(wav_fpath), exaggeration)
+    def _text_ids(self, text: str, language: Optional[str]) -> torch.Tensor:
+        return self.tokenizer.text_to_tokens(punc_norm(text))
 
     @torch.inference_mode()
     def generate(self, text, repetition_penalty=1.2, min_p=0.05, top_p=1.0, audio_prompt_path=None,
-                 exaggeration=0.5, cfg_weight=0.5, temperature=0.8, *, seed: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000) -> torch.Tensor:
+                 exaggeration=0.5, cfg_weight=0.5, temperature=0.8, *, conds: Optional[Conditionals] = None,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
+                 split_text: bool = False) -> torch.Tensor:
         """Speak `text`; returns a float32 (1, N) CPU tensor at `self.sr` (24 kHz).
 
-        Extras beyond upstream: `seed`/`generator` for reproducible audio, `max_new_tokens`
-        (speech tokens, 25 per second). `cfg_weight=0` runs without classifier-free guidance.
-        Empty text raises ValueError (upstream speaks a placeholder sentence instead).
+        Extras beyond upstream (keyword-only): `conds` (a voice from `make_conditionals`, this call
+        only), `seed`/`generator`, `max_new_tokens` (25 per second), `split_text` (long text in
+        sentence pieces, decoded as one batch and crossfaded). `cfg_weight=0` runs without guidance.
         """
-        validate_text(text, MAX_TEXT_CHARS)
-        with self._lock:
-            if audio_prompt_path:
-                self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-            gen = make_generator(self.device, seed, generator)
-            speech = self._llama_speech(self.tokenizer.text_to_tokens(punc_norm(text)), self._conds_for(exaggeration),
-                                        gen, max_new_tokens, temperature=temperature, cfg_weight=cfg_weight,
-                                        repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p)
-            if speech.numel() == 0:
-                return self._empty("T3 stopped immediately")
-            return self._finish(self._tokens_to_wav(speech, self.conds.gen, gen))
+        self._check_common(text, max_new_tokens)
+        voice = self._voice(conds, audio_prompt_path, exaggeration)
+        params = self._params(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                              cfg_weight=cfg_weight)
+        return self._run([dict(text=text, voice=voice, params=params, exaggeration=exaggeration,
+                               max_new_tokens=max_new_tokens, seed=seed, generator=generator)], split_text=split_text)[0]
+
+    def generate_batch(self, texts, *, conds=None, audio_prompt_path=None, seed=None, repetition_penalty=1.2,
+                       min_p=0.05, top_p=1.0, exaggeration=0.5, cfg_weight=0.5, temperature=0.8, max_new_tokens=1000,
+                       split_text: bool = False) -> list[torch.Tensor]:
+        """Speak many texts at once; each argument is a scalar or one value per text. Row i equals
+        `generate(texts[i], seed=seed[i], ...)` with the same voice and settings."""
+        return self._batch(texts, conds=conds, audio_prompt_path=audio_prompt_path, seed=seed, split_text=split_text,
+                           knobs=dict(repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
+                                      exaggeration=exaggeration, cfg_weight=cfg_weight, temperature=temperature,
+                                      max_new_tokens=max_new_tokens))

@@ -1,26 +1,20 @@
 """T3: the text-to-speech-token transformer (Llama for English/multilingual, GPT-2 for Turbo/Nano).
 
-Decoding runs on a transformers `StaticCache` allocated per length bucket. One decode step is a
-pure tensor program (`_decode_one_token` -> `_step_compilation_target`) that `torch.compile`
-captures whole; sampling happens on the device with noise drawn beforehand, the stop token is
-noticed without a host sync on every token, and tokens are trimmed exactly afterwards.
+The network only: weights (upstream's state-dict names), embeddings, the conditioning prefix and
+the teacher-forced forward. Decoding (slot KV cache, per-row sampling, continuous batching) lives in
+`chatterbox.runtime.t3_decoder`; `inference` / `inference_turbo` are upstream-compatible entry
+points that decode one request synchronously through it.
 """
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch._dynamo
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
-from transformers.cache_utils import StaticCache
 
 from ..utils import AttrDict
-from .inference import sampling
-from .inference.decode import StopWatcher, cache_bucket, trim_after_stop
-from .inference.t3_hf_backend import T3HuggingfaceBackend
 from .llama_configs import LLAMA_CONFIGS
 from .modules.cond_enc import T3Cond, T3CondEnc
 from .modules.learned_pos_emb import LearnedPositionEmbeddings
@@ -57,15 +51,6 @@ class T3(nn.Module):
         self.text_head = nn.Linear(self.dim, hp.text_tokens_dict_size, bias=False)
         self.speech_head = nn.Linear(self.dim, hp.speech_tokens_dict_size, bias=self.is_gpt)
 
-        # Decode-time state lives outside the module tree so state_dict() keeps the checkpoint's keys.
-        object.__setattr__(self, "_backend", T3HuggingfaceBackend(self.cfg, self.tfmr, self.speech_emb, self.speech_head))
-        self._caches: "OrderedDict[tuple, StaticCache]" = OrderedDict()
-        self._cache: Optional[StaticCache] = None
-        self._noise_buf: Optional[Tensor] = None
-        self.cache_pool_size = 2  # static caches kept alive (one per batch size / bucket / dtype / device)
-        self.stop_check_interval = 8  # steps between looks at the device-side stop flag
-        # The runtime may replace this with a compiled version of `_decode_one_token` (same signature).
-        self.decode_step: Callable = self._decode_one_token
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, hp: Optional[T3Config] = None, *, strict: bool = True) -> "T3":
@@ -90,12 +75,30 @@ class T3(nn.Module):
         model.load_state_dict(state_dict, strict=strict, assign=True)
         if model.is_gpt and hasattr(model.tfmr, "wte"):
             del model.tfmr.wte
-        if hasattr(model.tfmr, "rotary_emb"):  # non-persistent RoPE tables: recompute from the config
-            model.tfmr.rotary_emb = type(model.tfmr.rotary_emb)(config=model.cfg)
+        model._rebuild_rope()
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
             raise ValueError(f"checkpoint is missing tensors: {leftover[:5]}{' ...' if len(leftover) > 5 else ''}")
         return model.eval()
+
+    def _rebuild_rope(self) -> None:
+        """Recompute the non-persistent RoPE tables in float32 on the model's device (from the config)."""
+        rope = getattr(self.tfmr, "rotary_emb", None)
+        if rope is None:
+            return
+        fresh = type(rope)(config=self.cfg)
+        dev = self.speech_head.weight.device
+        rope.inv_freq = fresh.inv_freq.to(dev)
+        rope.original_inv_freq = fresh.original_inv_freq.to(dev)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` & co. would round RoPE's inverse frequencies (0.3 % error, ~0.5 rad at 500
+        # positions); keep them float32 after any dtype/device change, as transformers computes them.
+        out = super()._apply(fn, recurse)
+        rope = getattr(self.tfmr, "rotary_emb", None)
+        if rope is not None and not rope.inv_freq.is_meta and rope.inv_freq.dtype != torch.float32:
+            self._rebuild_rope()
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +150,7 @@ class T3(nn.Module):
     def forward(self, *, t3_cond: T3Cond, text_tokens: Tensor, text_token_lens: Tensor, speech_tokens: Tensor,
                 speech_token_lens: Tensor, training: bool = False) -> AttrDict:
         """Teacher-forced pass: logits for every text and speech position (zeroed past each row's length)."""
-        self._check_text_tokens(text_tokens)
+        self.check_text_tokens(text_tokens)
         embeds, len_cond = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens, speech_tokens=speech_tokens)
         hidden = self.tfmr(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, L, D)
         T, S = text_tokens.shape[1], speech_tokens.shape[1]
@@ -163,33 +166,9 @@ class T3(nn.Module):
             hidden_states=hidden,
         )
 
-    # ------------------------------------------------------------------ decode step (compiled region)
-    def _step_compilation_target(self, token_embeds: Tensor, cache_position: Tensor) -> Tensor:
-        """One backbone step on the active static cache: (B, 1, D) embeddings at `cache_position` (1,) -> logits (B, V)."""
-        return self._backend(token_embeds, self._cache, cache_position)
-
-    def _decode_one_token(self, token: Tensor, seen: Tensor, done: Tensor, step: Tensor, base: Tensor,
-                          params: Tensor, gumbel: Tensor, spec: sampling.SamplerSpec, batch: int):
-        """Feed the last token (1,) and sample the next one, all on the device.
-
-        step (1,): index s of this step (the fed token is generated token s+1); base (1,): prefill length.
-        Returns (next token (1,), seen (1, V), done (1,)).
-        """
-        emb = self.speech_emb.weight[token]  # (1, D)
-        if self.speech_pos_emb is not None:
-            emb = emb + self.speech_pos_emb.emb.weight[step + 1]
-        emb = emb[:, None].expand(batch, 1, -1)  # (B, 1, D)
-        logits = self._step_compilation_target(emb, base + step)
-        x = sampling.process_logits(logits, seen, params, spec)
-        nxt = sampling.sample(x, gumbel[step + 1])
-        if self.is_gpt:  # upstream stops when every logit was filtered out
-            nxt = torch.where(torch.isneginf(x).all(dim=-1), torch.full_like(nxt, self.hp.stop_speech_token), nxt)
-        seen = seen.scatter(1, nxt[:, None], True)
-        done = done | (nxt == self.hp.stop_speech_token)
-        return nxt, seen, done
-
     # ------------------------------------------------------------------ decoding
-    def _check_text_tokens(self, text_tokens: Tensor, check_bot_eot: bool = True) -> None:
+    def check_text_tokens(self, text_tokens: Tensor, check_bot_eot: bool = True) -> None:
+        """Raise TypeError/ValueError for non-integer, over-long or (Llama) start/stop-less text tokens."""
         if not torch.is_tensor(text_tokens) or text_tokens.is_floating_point() or text_tokens.is_complex():
             raise TypeError(f"text_tokens must be an integer tensor, got {getattr(text_tokens, 'dtype', type(text_tokens))}")
         if text_tokens.shape[-1] > self.hp.max_text_tokens + 2:
@@ -201,74 +180,6 @@ class T3(nn.Module):
                 raise ValueError(f"text_tokens rows must contain the start-of-text token {self.hp.start_text_token}")
             if not bool((rows == self.hp.stop_text_token).any(dim=1).all()):
                 raise ValueError(f"text_tokens rows must contain the stop-of-text token {self.hp.stop_text_token}")
-
-    def _activate_cache(self, batch: int, needed: int, max_cache_len: Optional[int]) -> int:
-        """Select (or allocate) the static cache for this request and rewind it; returns its length."""
-        if max_cache_len is None:
-            max_cache_len = cache_bucket(needed)
-        elif needed > max_cache_len:
-            raise ValueError(f"this request needs {needed} cache positions (prompt + max_new_tokens) "
-                             f"but max_cache_len={max_cache_len}; raise max_cache_len or lower max_new_tokens")
-        limit = self.cfg.max_position_embeddings if not self.is_gpt else self.cfg.n_positions
-        if needed > limit:
-            raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the backbone's {limit} positions")
-        key = (batch, max_cache_len, self.dtype, self.device)
-        cache = self._caches.pop(key, None)
-        if cache is None:
-            cache = StaticCache(config=self.cfg, max_cache_len=max_cache_len)
-            while len(self._caches) >= max(self.cache_pool_size, 1):
-                self._caches.popitem(last=False)
-        else:
-            cache.reset()
-        self._caches[key] = cache
-        self._cache = cache
-        return max_cache_len
-
-    def _sampling_noise(self, rows: int, generator: Optional[torch.Generator], greedy: bool) -> Tensor:
-        """Gumbel noise for `rows` draws in a persistent buffer (a fixed address keeps CUDA graphs valid)."""
-        buf = self._noise_buf
-        if buf is None or buf.shape[0] < rows or buf.device != self.device:
-            buf = torch.empty(cache_bucket(rows), self.hp.speech_tokens_dict_size, device=self.device)
-            if self.device.type == "cuda":
-                torch._dynamo.mark_static_address(buf)
-            self._noise_buf = buf
-        if greedy:
-            buf[:rows].zero_()
-        else:
-            sampling.fill_gumbel_(buf[:rows], generator)
-        return buf
-
-    def _decode(self, prefill: Tensor, *, seen: Tensor, spec: sampling.SamplerSpec, params: Tensor,
-                max_new_tokens: int, generator: Optional[torch.Generator], greedy: bool,
-                max_cache_len: Optional[int], reset_seen_after_first: bool, keep_stop: bool,
-                on_step: Optional[Callable[[int], None]] = None) -> Tensor:
-        """Prefill, then sample up to `max_new_tokens` tokens; returns (1, N) ids trimmed at the first stop token."""
-        device, B, L0 = prefill.device, prefill.shape[0], prefill.shape[1]
-        self._activate_cache(B, L0 + max_new_tokens, max_cache_len)
-        gumbel = self._sampling_noise(max_new_tokens + 1, generator, greedy)
-        steps = torch.arange(max_new_tokens, device=device)
-        base = torch.full((1,), L0, dtype=torch.long, device=device)
-
-        logits = self._backend(prefill, self._cache, torch.arange(L0, device=device))
-        x = sampling.process_logits(logits, seen, params, spec)
-        token = sampling.sample(x, gumbel[0])
-        if reset_seen_after_first:
-            seen = torch.zeros_like(seen)
-        seen = seen.scatter(1, token[:, None], True)
-        done = token == self.hp.stop_speech_token
-        out = torch.empty(max_new_tokens, dtype=torch.long, device=device)  # generated ids, written by index
-        out[:1] = token
-        n = 1
-        watcher = StopWatcher(device)
-        for s in range(max_new_tokens - 1):
-            if s % self.stop_check_interval == 0 and watcher.poll(done):
-                break
-            token, seen, done = self.decode_step(token, seen, done, steps[s:s + 1], base, params, gumbel, spec, B)
-            out[s + 1:s + 2] = token  # a copy: under CUDA graphs the step's outputs are overwritten by the next replay
-            n = s + 2
-            if on_step is not None:
-                on_step(s + 2)
-        return trim_after_stop(out[:n], self.hp.stop_speech_token, keep_stop)
 
     def prefill_embeds(self, t3_cond: T3Cond, text_tokens: Tensor, *, cfg_weight: float = 0.0,
                        initial_speech_tokens: Optional[Tensor] = None) -> Tensor:
@@ -292,59 +203,44 @@ class T3(nn.Module):
         bos_emb = self.speech_emb.weight[self.hp.start_speech_token] + self.speech_pos_emb.emb.weight[0]
         return torch.cat([embeds, bos_emb.view(1, 1, -1).expand(B, 1, -1)], dim=1)
 
+    # ------------------------------------------------------------------ upstream-compatible decoding
     @torch.inference_mode()
     def inference(self, *, t3_cond: T3Cond, text_tokens: Tensor, initial_speech_tokens: Optional[Tensor] = None,
                   prepend_prompt_speech_tokens: Optional[Tensor] = None, num_return_sequences: int = 1,
                   max_new_tokens: Optional[int] = None, stop_on_eos: bool = True, do_sample: bool = True,
                   temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, length_penalty: float = 1.0,
                   repetition_penalty: float = 1.2, cfg_weight: float = 0.5,
-                  generator: Optional[torch.Generator] = None, max_cache_len: Optional[int] = None,
-                  on_step: Optional[Callable[[int], None]] = None) -> Tensor:
-        """English/multilingual decoding (upstream's semantics, including its doubled start token).
+                  generator: Optional[torch.Generator] = None, max_cache_len: Optional[int] = None) -> Tensor:
+        """English/multilingual decoding of one request (upstream's semantics, including its doubled start token).
 
-        text_tokens: (T,) or (B, T) with start/stop text tokens; with cfg_weight > 0 row 0 is used
-        for both CFG rows. Returns (1, N) speech ids ending with the stop token if one was sampled.
-        `do_sample=False` decodes greedily; `generator` makes sampling reproducible.
+        text_tokens: (T,) or (B, T) with start/stop text tokens; row 0 is used. Returns (1, N) speech
+        ids ending with the stop token if one was sampled. `do_sample=False` decodes greedily;
+        `generator` makes sampling reproducible; `max_cache_len` caps the cache (error if too small).
+        Upstream-compatibility arguments accepted and not used (as upstream): `num_return_sequences`,
+        `stop_on_eos`, `length_penalty`.
         """
+        from ...runtime import t3_decoder as dec
+
         if prepend_prompt_speech_tokens is not None:
             raise NotImplementedError("prepend_prompt_speech_tokens is not supported (upstream neither)")
-        self._check_text_tokens(text_tokens)
-        max_new_tokens = 1000 if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= max_new_tokens <= self.hp.max_speech_tokens:
-            raise ValueError(f"max_new_tokens must be in [1, {self.hp.max_speech_tokens}], got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        device = self.device
-        use_cfg = cfg_weight > 0.0
-        prefill = self.prefill_embeds(t3_cond, text_tokens, cfg_weight=cfg_weight, initial_speech_tokens=initial_speech_tokens)
-        spec = sampling.SamplerSpec.llama(cfg=use_cfg, temperature=temperature, min_p=min_p, top_p=top_p,
-                                          repetition_penalty=repetition_penalty)
-        params = sampling.make_params(cfg_weight=cfg_weight, repetition_penalty=float(repetition_penalty),
-                                      temperature=temperature, min_p=min_p, top_p=top_p, device=device)
-        seen = torch.zeros(1, self.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
-        seen[0, self.hp.start_speech_token] = True
-        return self._decode(prefill, seen=seen, spec=spec, params=params, max_new_tokens=max_new_tokens,
-                            generator=generator, greedy=not do_sample, max_cache_len=max_cache_len,
-                            reset_seen_after_first=False, keep_stop=True, on_step=on_step)
+        req = dec.llama_request(self, t3_cond, text_tokens, dec.SamplingParams(
+            temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            cfg_weight=cfg_weight, greedy=not do_sample), 1000 if max_new_tokens is None else max_new_tokens,
+            generator, initial_speech_tokens=initial_speech_tokens)
+        tokens, stopped = dec.decode_one(self, req, max_cache_len=max_cache_len)
+        ids = tokens + ([self.hp.stop_speech_token] if stopped else [])
+        return torch.tensor(ids, dtype=torch.long, device=self.device)[None]
 
     @torch.inference_mode()
     def inference_turbo(self, t3_cond: T3Cond, text_tokens: Tensor, temperature: float = 0.8, top_k: int = 1000,
                         top_p: float = 0.95, repetition_penalty: float = 1.2, max_gen_len: int = 1000, *,
                         do_sample: bool = True, generator: Optional[torch.Generator] = None,
-                        max_cache_len: Optional[int] = None, on_step: Optional[Callable[[int], None]] = None) -> Tensor:
-        """Turbo/Nano decoding (GPT-2, no CFG, no start/stop text tokens). Returns (1, N) ids, N <= 1 + max_gen_len, stop token dropped."""
-        self._check_text_tokens(text_tokens, check_bot_eot=False)
-        max_gen_len = int(max_gen_len)
-        if max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        device = self.device
-        prefill = self.prefill_embeds(t3_cond, text_tokens)
-        spec = sampling.SamplerSpec.gpt(temperature=temperature, top_k=top_k, top_p=top_p,
-                                        repetition_penalty=repetition_penalty)
-        params = sampling.make_params(repetition_penalty=float(repetition_penalty), temperature=temperature,
-                                      top_p=top_p, device=device)
-        seen = torch.zeros(1, self.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
-        seen[0, self.hp.start_speech_token] = True  # only the first draw is penalised on the start token
-        return self._decode(prefill, seen=seen, spec=spec, params=params, max_new_tokens=max_gen_len + 1,
-                            generator=generator, greedy=not do_sample, max_cache_len=max_cache_len,
-                            reset_seen_after_first=True, keep_stop=False, on_step=on_step)
+                        max_cache_len: Optional[int] = None) -> Tensor:
+        """Turbo/Nano decoding of one request (GPT-2, no CFG). Returns (1, N) ids, N <= 1 + max_gen_len, stop token dropped."""
+        from ...runtime import t3_decoder as dec
+
+        req = dec.gpt_request(self, t3_cond, text_tokens, dec.SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=0.0, repetition_penalty=repetition_penalty,
+            greedy=not do_sample), int(max_gen_len) + 1, generator)
+        tokens, _ = dec.decode_one(self, req, max_cache_len=max_cache_len)
+        return torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
