@@ -3,9 +3,13 @@
     python benchmarks/s3gen.py                      # CFM S3Gen (original / multilingual), CPU or CUDA
     python benchmarks/s3gen.py --meanflow           # Turbo/Nano S3Gen (2 steps, no CFG)
     python benchmarks/s3gen.py --seconds 2,10 --backend inductor
+    python benchmarks/s3gen.py --batch 1,2,4 [--meanflow]   # batched synthesize: B rows of ~2 s each
 
 Prints milliseconds per request and per second of audio for each mode, and the relative
 waveform difference compiled vs eager for the same generator seed; one JSON line at the end.
+With --batch, times `S3Gen.synthesize` (eager) on B rows of --batch-seconds of tokens each (one
+10 s voice, different tokens and noise per row): total ms, ms per second of audio, and the flow /
+HiFT split; CFM runs 10 steps, meanflow 2.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 import torch
 
 from chatterbox.models.s3gen import S3Gen
+from chatterbox.runtime.noise import PositionalNoise
 from chatterbox.runtime.s3gen_buckets import bucketed_inference, compile_s3gen, warm_hift
 from chatterbox.testing import apply_det_weights, test_wav
 
@@ -44,11 +49,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", default="", help="comma-separated batch sizes: time batched synthesize instead")
+    ap.add_argument("--batch-seconds", type=float, default=2.0)
     a = ap.parse_args(argv)
     s3 = apply_det_weights(S3Gen(meanflow=a.meanflow)).to(a.device).eval()
     with torch.inference_mode():
         ref = s3.embed_ref(test_wav(24000, 10.0, seed=5), 24000)  # a 10 s reference, as the pipelines use
     steps = 2 if a.meanflow else None
+    if a.batch:
+        return batched(s3, ref, a)
     lengths = [int(float(s) * 25) for s in a.seconds.split(",")]
     tokens = {n: torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n)).to(a.device) for n in lengths}
     res = dict(device=a.device, torch=torch.__version__, meanflow=a.meanflow, backend=a.backend, rows=[])
@@ -74,6 +83,35 @@ def main(argv=None) -> dict:
         diff = float((wav.float().cpu() - eager[n]).norm() / eager[n].norm())
         res["rows"].append(dict(mode="compiled", audio_s=n / 25, ms=round(1000 * dt, 1),
                                 ms_per_audio_s=round(1000 * dt / (n / 25), 1), wav_rel_diff_vs_eager=float(f"{diff:.3g}")))
+        print(json.dumps(res["rows"][-1]), flush=True)
+    print(json.dumps(res))
+    return res
+
+
+def batched(s3, ref: dict, a) -> dict:
+    """Eager `synthesize` on B rows of `batch_seconds` each: total, per audio second, flow / HiFT split."""
+    n = int(a.batch_seconds * 25)
+    steps = 2 if a.meanflow else 10
+    res = dict(device=a.device, torch=torch.__version__, meanflow=a.meanflow, steps=steps, tokens_per_row=n,
+               threads=torch.get_num_threads(), rows=[])
+    for b in [int(x) for x in a.batch.split(",")]:
+        toks = [torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(i)).to(a.device) for i in range(b)]
+
+        def noise():
+            return [PositionalNoise(torch.Generator(device=a.device).manual_seed(i), 80, a.device) for i in range(b)]
+
+        def gens():
+            return [torch.Generator(device=a.device).manual_seed(100 + i) for i in range(b)]
+
+        t_flow, mels = timed(lambda: s3.synthesize_mels(toks, [ref] * b, noise(), n_cfm_timesteps=steps),
+                             a.device, a.repeats)
+        t_hift, _ = timed(lambda: s3.vocode(mels, gens()), a.device, a.repeats)
+        t_all, wavs = timed(lambda: s3.synthesize(toks, [ref] * b, flow_noise=noise(), hift_generators=gens(),
+                                                  n_cfm_timesteps=steps), a.device, a.repeats)
+        audio_s = sum(w.shape[-1] for w in wavs) / 24000
+        res["rows"].append(dict(batch=b, audio_s=round(audio_s, 2), ms=round(1000 * t_all, 1),
+                                ms_per_audio_s=round(1000 * t_all / audio_s, 1),
+                                flow_ms=round(1000 * t_flow, 1), hift_ms=round(1000 * t_hift, 1)))
         print(json.dumps(res["rows"][-1]), flush=True)
     print(json.dumps(res))
     return res

@@ -91,6 +91,19 @@ def test_randomness_is_explicit(hift):
     assert torch.equal(wa, wb)
 
 
+def test_draws_happen_on_the_generators_device(hift):
+    """A CPU generator with a model elsewhere ("meta" stands in for CUDA): phases and noise are drawn on
+    the generator's device in single-request order, moved to the mel's device, nothing else drawn."""
+    mel = torch.zeros(2, 80, 3, device="meta")
+    g, ref = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    phase, noise = hift.draw_noise(mel, g)
+    assert phase.device.type == noise.device.type == "meta"
+    assert phase.shape == (2, 9, 1) and noise.shape == (2, 9, 480 * 3)
+    torch.rand(2, 9, 1, generator=ref)
+    torch.randn(2, 9, 480 * 3, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
 def test_cache_source_overwrites_prefix(hift):
     mel = load_fixture("s3gen")[0]["mel"][..., :4]
     _, s = hift.inference(mel, deterministic=True)

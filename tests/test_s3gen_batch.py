@@ -226,10 +226,17 @@ def test_emulated_cuda_graphs_equal_eager(cfm, voices, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- dtypes
+REF_WAV = test_wav(24000, 0.8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ref32(cfm) -> dict:
+    return cfm.embed_ref(REF_WAV, 24000)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_front_ends_stay_float32_under_a_half_precision_flow(cfm, dtype):
-    wav = test_wav(24000, 0.8, seed=3)
-    ref32 = cfm.embed_ref(wav, 24000)
+def test_front_ends_stay_float32_under_a_half_precision_flow(cfm, ref32, dtype):
+    wav = REF_WAV
     saved = {k: v.clone() for k, v in cfm.flow.state_dict().items()}
     try:
         cfm.flow.to(dtype)  # what compile(s3gen_dtype=...) does
@@ -241,18 +248,14 @@ def test_front_ends_stay_float32_under_a_half_precision_flow(cfm, dtype):
         wav_out, _ = cfm.inference(speech(5, 1)[None], ref_dict=ref, n_cfm_timesteps=1,
                                    generator=torch.Generator().manual_seed(0))
         assert wav_out.dtype == torch.float32 and wav_out.shape[1] > 0 and torch.isfinite(wav_out).all()
-        noise, gens = sources([1])
-        batch = cfm.synthesize([speech(5, 1)], [ref], flow_noise=noise, hift_generators=gens, n_cfm_timesteps=1)
-        assert torch.isfinite(batch[0]).all()
     finally:
         cfm.flow.float().load_state_dict(saved)
     assert cfm.dtype == torch.float32
 
 
-def test_front_ends_compute_in_float32_when_cast_down(cfm):
+def test_front_ends_compute_in_float32_when_cast_down(cfm, ref32):
     """Front-end weights cast to bf16 (e.g. the whole model cast): FFTs and networks still run in float32."""
-    wav = test_wav(24000, 0.8, seed=3)
-    ref32 = cfm.embed_ref(wav, 24000)
+    wav = REF_WAV
     saved = {n: {k: v.clone() for k, v in getattr(cfm, n).state_dict().items()} for n in ("tokenizer", "speaker_encoder")}
     try:
         cfm.tokenizer.to(torch.bfloat16)

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from conftest import FIXTURES, load_fixture, rel_err
 from chatterbox.models.s3gen.decoder import ConditionalDecoder
 from chatterbox.models.s3gen.flow import CausalMaskedDiffWithXvec
-from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM, time_span
+from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM, draw_noise, time_span
 from chatterbox.models.s3gen.transformer.attention import rel_shift
 from chatterbox.models.s3gen.transformer.embedding import EspnetRelPositionalEncoding
 from chatterbox.models.s3gen.transformer.upsample_encoder import UpsampleConformerEncoder
@@ -154,6 +154,20 @@ def test_same_generator_seed_same_mel():
     c, _ = flow.inference(*args, n_timesteps=2, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (1, 80, 6)
+
+
+def test_noise_is_drawn_on_the_generators_device():
+    """A generator on another device than the model (CPU generator, "meta" model here): the draw is
+    made on the generator's device, in float32, moved to the target, and advances it by exactly the draw."""
+    g, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    z = draw_noise((2, 80, 7), g, device="meta", dtype=torch.bfloat16)
+    assert z.device.type == "meta" and z.shape == (2, 80, 7) and z.dtype == torch.bfloat16
+    torch.randn(2, 80, 7, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    # the values are the generator's float32 draw, whatever the target dtype
+    a = draw_noise((1, 80, 3), torch.Generator().manual_seed(1), "cpu", torch.bfloat16)
+    b = torch.randn(1, 80, 3, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(a, b)
 
 
 def test_streaming_finalize_false_drops_lookahead_frames():
