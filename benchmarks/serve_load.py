@@ -7,8 +7,8 @@
 Without --url it loads the model (--ckpt-dir, else the cached deterministic checkpoint of the demo),
 starts the server in-process on a free 127.0.0.1 port and runs, in one process and with the same
 requests (text i, seed i): a warm-up request, a sequential pass (one request at a time), then a
-concurrent pass (--clients threads taking requests from one list). Every request streams
-(`stream_format=audio`, pcm) so time to first audio is measured from the client side.
+concurrent pass (--clients threads taking requests from one list). Requests stream
+(`stream_format=audio`, pcm; --whole: whole files) and time to first audio is measured client-side.
 Reports throughput (requests/s, audio seconds per wall second), p50/p95 time to first audio and
 total latency, failures, and the concurrent/sequential throughput ratio.
 """
@@ -38,9 +38,11 @@ TEXTS = [
 ]
 
 
-def one_request(client: httpx.Client, url: str, model_id: str, i: int, max_new_tokens: int) -> dict:
-    body = dict(model=model_id, voice="default", input=TEXTS[i % len(TEXTS)], response_format="pcm",
-                stream_format="audio", seed=i, max_new_tokens=max_new_tokens)
+def one_request(client: httpx.Client, url: str, model_id: str, i: int, max_new_tokens: int, stream: bool) -> dict:
+    body = dict(model=model_id, voice="default", input=TEXTS[i % len(TEXTS)], response_format="pcm", seed=i,
+                max_new_tokens=max_new_tokens)
+    if stream:
+        body["stream_format"] = "audio"
     t0 = time.perf_counter()
     ttfa, n = None, 0
     try:
@@ -59,7 +61,8 @@ def one_request(client: httpx.Client, url: str, model_id: str, i: int, max_new_t
                 error=None if ok else "empty audio")
 
 
-def run_pass(url: str, model_id: str, ids: list[int], clients: int, max_new_tokens: int, timeout: float) -> dict:
+def run_pass(url: str, model_id: str, ids: list[int], clients: int, max_new_tokens: int, timeout: float,
+             stream: bool = True) -> dict:
     """Send requests `ids` with `clients` concurrent workers; returns the results and the wall time."""
     todo = list(ids)
     lock = threading.Lock()
@@ -72,7 +75,7 @@ def run_pass(url: str, model_id: str, ids: list[int], clients: int, max_new_toke
                     if not todo:
                         return
                     i = todo.pop(0)
-                res = one_request(client, url, model_id, i, max_new_tokens)
+                res = one_request(client, url, model_id, i, max_new_tokens, stream)
                 with lock:
                     results.append(res)
 
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="decode slots (default: the model's)")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--whole", action="store_true",
+                    help="request whole files (no stream_format): time to first audio = total latency")
     ap.add_argument("--json", default=None, help="write the summary here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -159,15 +164,17 @@ def main(argv=None) -> int:
     model_id = a.model_id or f"chatterbox-{a.model}"
     ids = list(range(a.requests))
     try:
-        warm = run_pass(url, model_id, [0], 1, a.max_new_tokens, a.timeout)
+        stream = not a.whole
+        warm = run_pass(url, model_id, [0], 1, a.max_new_tokens, a.timeout, stream)
         if not warm["results"][0]["ok"]:
             print(f"warm-up request failed: {warm['results'][0]}", file=sys.stderr)
             return 1
         rows = []
         if not a.skip_sequential:
-            rows.append(summarize("one at a time", run_pass(url, model_id, ids, 1, a.max_new_tokens, a.timeout), 1))
+            rows.append(summarize("one at a time", run_pass(url, model_id, ids, 1, a.max_new_tokens, a.timeout,
+                                                            stream), 1))
         rows.append(summarize(f"{a.clients} concurrent", run_pass(url, model_id, ids, a.clients, a.max_new_tokens,
-                                                                   a.timeout), a.clients))
+                                                                   a.timeout, stream), a.clients))
         stats = model.engine_stats() if model is not None else None
     finally:
         if server is not None:
@@ -176,14 +183,16 @@ def main(argv=None) -> int:
             model.close()
 
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    print(f"\n{a.requests} requests, {a.max_new_tokens} max new tokens each, model {model_id}\n")
+    print(f"\n{a.requests} requests, {a.max_new_tokens} max new tokens each, model {model_id}, "
+          f"{'whole files' if a.whole else 'streamed'}\n")
     print("| run | clients | ok | failed | wall s | req/s | audio s/s | TTFA p50 | TTFA p95 | latency p50 | latency p95 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['name']} | {r['clients']} | {r['ok']} | {r['failed']} | {fmt(r['wall_s'])} | {fmt(r['req_per_s'])} "
               f"| {fmt(r['audio_s_per_s'])} | {fmt(r['ttfa_p50'])} | {fmt(r['ttfa_p95'])} | {fmt(r['latency_p50'])} "
               f"| {fmt(r['latency_p95'])} |")
-    summary = dict(model=model_id, requests=a.requests, max_new_tokens=a.max_new_tokens, runs=rows, engine_stats=stats)
+    summary = dict(model=model_id, requests=a.requests, max_new_tokens=a.max_new_tokens, streamed=not a.whole,
+                   runs=rows, engine_stats=stats)
     if len(rows) == 2 and rows[0]["req_per_s"]:
         summary["speedup"] = rows[1]["req_per_s"] / rows[0]["req_per_s"]
         print(f"\nconcurrent / sequential throughput: {summary['speedup']:.2f}x")

@@ -116,7 +116,7 @@ class VoiceStore:
         self.max_seconds = max_seconds
         self._voices: dict[str, Voice] = {}
         self._lock = threading.Lock()
-        self._builtin = Voice(BUILTIN_ID, "default (built-in)", int(time.time()), None, builtin=True)
+        self._builtin = Voice(BUILTIN_ID, "built-in voice", int(time.time()), None, builtin=True)
 
     # ---------------------------------------------------------------- reads (event loop)
     def get(self, voice_id: str) -> Optional[Voice]:
