@@ -108,6 +108,12 @@ class FakeTTS:
 
     def generate_stream(self, text, *, conds=None, seed=None, max_new_tokens=1000, split_text=False,
                         output="float32", chunk_size=None, **kw):
+        return self._stream(text, conds=conds, seed=seed, max_new_tokens=max_new_tokens, **kw)
+
+    def _sleep(self, seconds):
+        time.sleep(seconds)
+
+    def _stream(self, text, *, conds=None, seed=None, max_new_tokens=1000, **kw):
         self._check(text, **kw)
         self.calls.append(dict(text=text, conds=conds, seed=seed, max_new_tokens=max_new_tokens, stream=True, **kw))
         with self._lock:
@@ -122,9 +128,9 @@ class FakeTTS:
                 self.active += 1
             w = self._wave(text, conds, seed)
             pieces = np.array_split(w, self.nchunks)
-            time.sleep(self.first_delay)
+            self._sleep(self.first_delay)
             for i, p in enumerate(pieces):
-                time.sleep(self.delay)
+                self._sleep(self.delay)
                 self.tokens += 5
                 sent += 1
                 yield torch.from_numpy(p)[None], {"chunk_count": i + 1}
@@ -557,6 +563,51 @@ def test_disconnect_cancels_generation_and_frees_the_slot(voices_dir):
         assert time.perf_counter() - t0 < 1.0  # within a chunk or two, not the remaining ~4 s
         assert speech(s, input="next one", response_format="pcm").status_code == 200  # the slot is free
         assert 'chatterbox_requests_cancelled_total{reason="disconnect"} 1.0' in httpx.get(s.url + "/metrics").text
+
+
+class CancellableFake(FakeTTS):
+    """Its streams have a thread-safe cancel() that interrupts the chunk being made (as a scheduler can)."""
+
+    class Stream:
+        def __init__(self, gen, event):
+            self._gen, self._event = gen, event
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self._gen)
+
+        def close(self):
+            self._gen.close()
+
+        def cancel(self):
+            self._event.set()
+
+    def generate_stream(self, text, **kw):
+        self._event, self._sleeps = threading.Event(), 0
+        kw.pop("output", None), kw.pop("split_text", None)
+        return self.Stream(self._stream(text, **kw), self._event)
+
+    def _sleep(self, seconds):  # the first chunk at once, each later one after `seconds`
+        self._sleeps += 1
+        if self._event.wait(seconds if self._sleeps > 2 else 0.0):
+            raise RuntimeError("cancelled")
+
+
+def test_disconnect_uses_the_streams_cancel_at_once(voices_dir):
+    fake = CancellableFake(delay=3.0, chunks=3, slots=1)  # first chunk at once, then 3 s per chunk
+    with serve(fake, voices_dir, max_batch=1, max_queue=0) as s:
+        admission = s.server.config.app.state.chatterbox.admission
+        with httpx.stream("POST", s.url + "/v1/audio/speech", timeout=30,
+                          json=dict(model="nano", voice="default", input="a b c", response_format="pcm",
+                                    stream_format="audio")) as r:
+            next(r.iter_bytes())
+        t0 = time.perf_counter()
+        while admission.in_flight and time.perf_counter() - t0 < 5:
+            time.sleep(0.02)
+        assert admission.in_flight == 0 and fake.active == 0
+        assert time.perf_counter() - t0 < 1.0  # not the 3 s the chunk in progress would take
 
 
 def test_request_timeout(voices_dir):

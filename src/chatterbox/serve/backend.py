@@ -39,6 +39,37 @@ def _to_numpy(chunk) -> np.ndarray:
     return np.asarray(chunk, dtype=np.float32).reshape(-1)
 
 
+class AudioStream:
+    """The library's stream iterator, chunks as float32 numpy; `close()` cancels (frees the decode slot).
+
+    `cancel()` may be called from any thread: it uses the library stream's own thread-safe `cancel()`
+    when it has one (the request stops at the scheduler's next step), else it only marks the stream so
+    the worker closes it after the chunk in progress.
+    """
+
+    def __init__(self, it):
+        self._it = it
+        self.cancel_requested = False
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Any]:
+        chunk, metrics = next(self._it)
+        return _to_numpy(chunk), metrics
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        fn = getattr(self._it, "cancel", None)
+        if callable(fn):
+            fn()
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
 class SpeechBackend:
     """Wraps a loaded Chatterbox TTS model (any kind) behind the calls the server needs."""
 
@@ -69,15 +100,10 @@ class SpeechBackend:
         args, kw = self._call_args(job)
         return _to_numpy(self.model.generate(*args, **kw))
 
-    def stream(self, job: SpeechJob) -> Iterator[tuple[np.ndarray, Any]]:
-        """(float32 chunk, StreamMetrics) pairs as the model makes them. Close the iterator to cancel."""
+    def stream(self, job: SpeechJob) -> "AudioStream":
+        """(float32 chunk, StreamMetrics) pairs as the model makes them. Close the stream to cancel."""
         args, kw = self._call_args(job)
-        it = self.model.generate_stream(*args, output="float32", **kw)
-        try:
-            for chunk, metrics in it:
-                yield _to_numpy(chunk), metrics
-        finally:
-            it.close()  # frees the request's decode slot at the scheduler's next step
+        return AudioStream(self.model.generate_stream(*args, output="float32", **kw))
 
     # ---------------------------------------------------------------- voices
     def make_conditionals(self, wav_path: Path):

@@ -77,6 +77,7 @@ class Job:
         self.deadline = self.started + timeout if timeout and timeout > 0 else None
         self.finished = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._on_cancel: Optional[Callable[[], None]] = None
 
     # ---------------------------------------------------------------- worker side
     def put(self, kind: str, value: Any = None) -> None:
@@ -85,6 +86,12 @@ class Job:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
         except RuntimeError:  # loop closed (server shut down under us)
             pass
+
+    def on_cancel(self, fn: Callable[[], None]) -> None:
+        """Also call `fn` (thread-safe, e.g. the library stream's cancel) when the job is cancelled."""
+        self._on_cancel = fn
+        if self._cancel.is_set():
+            fn()
 
     @property
     def cancelled(self) -> bool:
@@ -113,7 +120,13 @@ class Job:
         if not self._cancel.is_set() and not self.finished.is_set():
             self.cancel_reason = reason
             logger.info("request %d cancelled (%s)", self.id, reason)
+        already = self._cancel.is_set()
         self._cancel.set()
+        if not already and self._on_cancel is not None and not self.finished.is_set():
+            try:
+                self._on_cancel()
+            except Exception as e:  # cancelling must never take the server down
+                logger.warning("request %d: cancel hook failed: %s", self.id, e)
 
     async def get(self) -> tuple[str, Any]:
         """The next event; raises JobTimeout (after cancelling the work) when the deadline passes."""

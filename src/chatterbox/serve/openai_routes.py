@@ -146,6 +146,7 @@ def _work_file(backend, spec: SpeechJob, fmt: str, speed: float, job: Job) -> No
 def _work_stream(backend, spec: SpeechJob, fmt: str, speed: float, job: Job) -> None:
     enc = AudioEncoder(fmt, backend.sr, speed=speed, stream=True)
     it = backend.stream(spec)
+    job.on_cancel(it.cancel)
     try:
         for audio, _metrics in it:
             if job.cancelled:
