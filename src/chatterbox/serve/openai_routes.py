@@ -169,11 +169,14 @@ class JobStreamingResponse(StreamingResponse):
         self._job = job
 
     async def __call__(self, scope, receive, send) -> None:
+        completed = False
         try:
             async with anyio.create_task_group() as tg:
                 async def stream() -> None:
+                    nonlocal completed
                     try:
                         await self.stream_response(send)
+                        completed = True
                     except OSError:  # the socket went away while writing
                         pass
                     tg.cancel_scope.cancel()
@@ -182,7 +185,8 @@ class JobStreamingResponse(StreamingResponse):
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
         finally:
-            self._job.cancel("client disconnected")  # no-op once the job has finished
+            if not completed:
+                self._job.cancel("client disconnected")
             await self.body_iterator.aclose()
 
 
