@@ -29,7 +29,6 @@ from t3_decode import upstream_style, upstream_style_turbo  # noqa: E402
 
 from chatterbox.models.s3gen import S3Gen  # noqa: E402
 from chatterbox.models.t3 import T3, T3Config  # noqa: E402
-from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS  # noqa: E402
 from chatterbox.models.voice_encoder import VoiceEncoder  # noqa: E402
 from chatterbox.runtime.noise import RequestRandomness  # noqa: E402
 from chatterbox.testing import apply_det_weights, det_state_dict, test_wav  # noqa: E402
@@ -37,45 +36,32 @@ from chatterbox.testing import apply_det_weights, det_state_dict, test_wav  # no
 MODES = ("upstream_eager", "ours_eager", "ours_compiled_fp32", "ours_compiled_bf16")
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
         "square stops to listen for a moment before going back to their afternoon.")
-TINY = {
-    "original": dict(LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=2, intermediate_size=512),
-    "turbo": dict(LLAMA_CONFIGS["GPT2_medium"], n_layer=2),
-}
 
 
 def build(model: str, config: str, device: str, workdir: Path):
-    """A public model object on deterministic weights (in memory; same classes users load)."""
-    from chatterbox import testing_tokenizers as tt
+    """A public model object of kind `model` on deterministic weights (in memory; the classes users load)."""
+    import soundfile as sf
 
-    hp = T3Config.english_only() if model == "original" else T3Config.turbo()
+    from chatterbox.registry import _load_tokenizer, api_class, get_spec
+    from chatterbox.testing import tiny_model
+    from chatterbox.testing_tokenizers import write_en_tokenizer, write_turbo_tokenizer
+
+    spec = get_spec(model)
+    seconds = 10.0 if config == "full" else (5.5 if spec.meanflow else 2.0)  # the pipelines use up to 10 s
     if config == "tiny":
-        name = f"bench_tiny_{model}"
-        LLAMA_CONFIGS.setdefault(name, TINY[model])
-        hp.llama_config_name = name
+        return tiny_model(spec.kind, workdir / f"tiny_{spec.kind}", device=device, ref_seconds=seconds)
+    hp = getattr(T3Config, spec.t3_config)()
     with torch.device("meta"):
         shell = T3(hp)
     t3 = T3.from_state_dict(det_state_dict(shell), hp).to(device)
-    s3 = apply_det_weights(S3Gen(meanflow=model == "turbo")).to(device).eval()
+    s3 = apply_det_weights(S3Gen(meanflow=spec.meanflow)).to(device).eval()
     ve = apply_det_weights(VoiceEncoder()).to(device).eval()
-    if model == "original":
-        from chatterbox.models.tokenizers import EnTokenizer
-        from chatterbox.tts import ChatterboxTTS
-
-        tt.write_en_tokenizer(workdir)
-        tts = ChatterboxTTS(t3, s3, ve, EnTokenizer(str(workdir / "tokenizer.json")), device, watermark=False)
-    else:
-        from transformers import AutoTokenizer
-
-        from chatterbox.tts_turbo import ChatterboxTurboTTS
-
-        tdir = workdir / "turbo_tok"
-        tt.write_turbo_tokenizer(tdir)
-        tok = AutoTokenizer.from_pretrained(str(tdir))
-        tts = ChatterboxTurboTTS(t3, s3, ve, tok, device, watermark=False)
-    import soundfile as sf
-
-    ref = workdir / f"ref_{model}.wav"
-    seconds = 10.0 if config == "full" else (5.5 if model == "turbo" else 2.0)  # the pipelines use up to 10 s
+    tdir = workdir / f"tok_{spec.kind}"
+    tdir.mkdir(parents=True, exist_ok=True)
+    (write_en_tokenizer if spec.text_frontend == "english" else write_turbo_tokenizer)(tdir)
+    kw = {"model_label": "Nano" if spec.kind == "nano" else "Turbo"} if spec.text_frontend == "gpt2" else {}
+    tts = api_class(spec.kind)(t3, s3, ve, _load_tokenizer(spec, tdir), device, watermark=False, **kw)
+    ref = workdir / f"ref_{spec.kind}.wav"
     sf.write(str(ref), test_wav(24000, seconds, seed=11).numpy(), 24000, subtype="FLOAT")
     tts.prepare_conditionals(str(ref))
     return tts

@@ -39,7 +39,7 @@ def models(tmp_path_factory):
 
     def get(kind):
         if kind not in made:
-            made[kind] = tiny_model(kind, tmp_path_factory.mktemp(kind))
+            made[kind] = tiny_model(kind, tmp_path_factory.mktemp(kind), cfm_steps=2)
         return made[kind]
 
     yield get
@@ -48,7 +48,7 @@ def models(tmp_path_factory):
 
 
 def fresh(kind, tmp_path):
-    return tiny_model(kind, tmp_path / kind)
+    return tiny_model(kind, tmp_path / kind, cfm_steps=2)
 
 
 # ---------------------------------------------------------------- 1. CUDA-graph outputs are never fed back

@@ -1,55 +1,28 @@
 """Runtime: bucketed S3Gen exactness, compiled == eager generation, no recompiles inside warmed
-buckets, thread safety, and the end-to-end benchmark's smoke run."""
+buckets, and the benchmarks' smoke runs (end to end, batching, gpu_check --tiny)."""
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import rel_err
-from chatterbox.models.s3gen import S3Gen
-from chatterbox.models.t3 import T3, T3Config
-from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-from chatterbox.models.tokenizers import EnTokenizer
-from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.runtime.compile import compile_model
 from chatterbox.runtime.s3gen_buckets import bucket_for, bucketed_inference
-from chatterbox.testing import apply_det_weights, det_state_dict, test_wav
-from chatterbox.testing_tokenizers import write_en_tokenizer
-from chatterbox.tts import ChatterboxTTS
+from chatterbox.testing import tiny_model
 
 pytestmark = pytest.mark.slow
-
-TINY = dict(LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-            num_key_value_heads=4, head_dim=256)
-
-
-def tiny_tts(tmp: Path) -> ChatterboxTTS:
-    """ChatterboxTTS with a 2-layer T3 and the real (deterministic-weight) S3Gen and VoiceEncoder."""
-    LLAMA_CONFIGS.setdefault("runtime_tiny", TINY)
-    hp = T3Config.english_only()
-    hp.llama_config_name = "runtime_tiny"
-    with torch.device("meta"):
-        shell = T3(hp)
-    t3 = T3.from_state_dict(det_state_dict(shell), hp)
-    write_en_tokenizer(tmp)
-    tts = ChatterboxTTS(t3, apply_det_weights(S3Gen().eval()), apply_det_weights(VoiceEncoder().eval()),
-                        EnTokenizer(str(tmp / "tokenizer.json")), "cpu", watermark=False)
-    ref = tmp / "ref.wav"
-    sf.write(str(ref), test_wav(24000, 1.5, seed=3).numpy(), 24000, subtype="FLOAT")
-    tts.prepare_conditionals(str(ref))
-    return tts
 
 
 @pytest.fixture(scope="module")
 def tts(tmp_path_factory):
-    return tiny_tts(tmp_path_factory.mktemp("rt"))
+    m = tiny_model("english", tmp_path_factory.mktemp("rt"), ref_seconds=1.5)
+    yield m
+    m.close()
 
 
 def test_bucket_for():
@@ -70,7 +43,7 @@ def test_bucketed_s3gen_equals_unpadded(tts):
 
 
 def test_compiled_equals_eager_and_no_recompile_in_warm_buckets(tmp_path):
-    tts = tiny_tts(tmp_path)
+    tts = tiny_model("english", tmp_path, ref_seconds=1.5)
     texts = ["Short one.", "A somewhat longer sentence to speak here."]
     eager = [tts.generate(t, seed=i, max_new_tokens=10 + 12 * i) for i, t in enumerate(texts)]
 
@@ -78,7 +51,8 @@ def test_compiled_equals_eager_and_no_recompile_in_warm_buckets(tmp_path):
     counters.clear()
     p = tts.conds.gen["prompt_token"].shape[-1]
     # T3 with inductor (tiny); S3Gen traced by dynamo only ("eager" backend) to keep CPU compile time small
-    compile_model(tts, buckets=(p + 16, p + 48), backend="inductor", s3gen=True, s3gen_backend="eager")
+    compile_model(tts, buckets=(p + 16, p + 48), backend="inductor", s3gen=True, s3gen_backend="eager",
+                  max_batch=1, max_text_tokens=64, max_new_tokens=48)
     tts.warmup(texts=["Warm up."], max_new_tokens=24, hift_frames=(4, 8, 16, 32, 64, 128))
     compiled = [tts.generate(t, seed=i, max_new_tokens=10 + 12 * i) for i, t in enumerate(texts)]
     for e, c in zip(eager, compiled):
@@ -90,27 +64,7 @@ def test_compiled_equals_eager_and_no_recompile_in_warm_buckets(tmp_path):
     tts.generate("Another length of text, again.", seed=5, max_new_tokens=14)
     tts.generate("Mid.", seed=6, max_new_tokens=30)
     assert counters["stats"]["unique_graphs"] == graphs
-
-
-def test_concurrent_generate_calls_are_serialised(tts):
-    texts = {1: "One thread speaks.", 2: "Another thread speaks too."}
-    expected = {s: tts.generate(t, seed=s, max_new_tokens=8) for s, t in texts.items()}
-    got, errors = {}, []
-
-    def work(seed):
-        try:
-            got[seed] = tts.generate(texts[seed], seed=seed, max_new_tokens=8)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(s,)) for s in texts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors
-    for s in texts:
-        assert torch.equal(got[s], expected[s])
+    tts.close()
 
 
 def test_benchmark_smoke(tmp_path):
@@ -128,3 +82,30 @@ def test_benchmark_smoke(tmp_path):
         assert r["t3_tokens_per_s"] > 0 and r["s3gen_ms_per_audio_s"] > 0 and r["rtf"] > 0 and r["peak_mb"] > 0
         if r["mode"] == "ours_compiled_fp32":
             assert r["wav_rel_diff_vs_eager"] <= 1e-3
+
+
+def test_batch_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import batch as bench
+
+    res = bench.main(["--config", "tiny", "--models", "turbo", "--batches", "1,2", "--tokens", "6", "--device", "cpu",
+                      "--json", str(tmp_path / "b.json")])
+    rows = res["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["t3_tokens_per_s_batched"] > 0 and r["t3_tokens_per_s_sequential"] > 0
+        assert r["e2e_audio_s_per_s_batched"] > 0 and r["max_wav_rel_diff"] <= 1e-3  # batched rows = requests
+
+
+def test_gpu_check_tiny_runs_on_cpu(tmp_path):
+    """`gpu_check.py --device cpu --tiny` runs the GPU check's code end to end so the script never rots."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_check
+
+    res = gpu_check.main(["--device", "cpu", "--tiny", "--models", "nano", "--tokens", "6", "--batch", "2",
+                          "--out", str(tmp_path / "gc.json")])
+    (row,) = res["rows"]
+    assert row["fp32_tokens_equal_eager"] is True and row["fp32_wav_rel_err_vs_eager"] <= 1e-3
+    assert row["recompiles_after_warmup"] == 0 and row["graph_breaks"] == 0 and row["cudagraph_skips"] == 0
+    assert row["bf16_runs_twice"] is True and row["t3_tokens_per_s_upstream_style"] > 0
+    assert (tmp_path / "gc.json").is_file()

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -89,6 +90,77 @@ def per_row(name: str, value: Any, n: int) -> list:
             raise ValueError(f"{name} has {len(value)} values for {n} texts")
         return list(value)
     return [value] * n
+
+
+@dataclass
+class StreamMetrics:
+    """Running figures of one `generate_stream` call, updated with every chunk."""
+
+    chunk_count: int = 0
+    latency_to_first_chunk: Optional[float] = None  # seconds from the call to the first audio
+    rtf: Optional[float] = None  # wall seconds so far / audio seconds so far
+    total_audio_duration: float = 0.0  # seconds of audio yielded so far
+    elapsed: float = 0.0  # wall seconds since the call
+    speech_tokens: int = 0  # T3 tokens received so far
+
+
+def to_pcm16(chunk: torch.Tensor) -> bytes:
+    """(1, n) float waveform -> little-endian signed 16-bit PCM bytes (clipped to [-1, 1])."""
+    x = np.clip(chunk.detach().float().reshape(-1).cpu().numpy(), -1.0, 1.0)
+    return (np.round(x * 32767.0)).astype("<i2").tobytes()
+
+
+class _Emitter:
+    """Turns a request's pieces of audio into output chunks: holds back what may still change.
+
+    `holdback` samples at the end of a piece wait for the piece's end (multilingual drops the last
+    token's audio); between pieces the last `join` samples are crossfaded with the next piece's
+    start exactly as `audio.crossfade_join` joins offline pieces.
+    """
+
+    def __init__(self, sr: int, holdback: int = 0, join_ms: float = 20.0):
+        self.sr = sr
+        self.holdback = holdback
+        self.join = int(round(join_ms * sr / 1000.0))
+        self._held = torch.zeros(1, 0)  # not yet emitted, end of the current piece
+        self._tail: Optional[torch.Tensor] = None  # the previous piece's last `join` samples
+        self.piece_samples = 0
+
+    def push(self, chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.detach().float().reshape(1, -1).cpu()
+        self.piece_samples += chunk.shape[1]
+        buf = torch.cat([self._held, chunk], dim=1)
+        keep = min(buf.shape[1], self.holdback)
+        out, self._held = buf[:, : buf.shape[1] - keep], buf[:, buf.shape[1] - keep:]
+        return self._join(out)
+
+    def _join(self, out: torch.Tensor) -> torch.Tensor:
+        if self._tail is not None and out.shape[1]:
+            from .audio import crossfade_join
+
+            out = crossfade_join([self._tail, out], self.sr)
+            self._tail = None
+        return out
+
+    def end_piece(self, chunk: torch.Tensor, keep_samples: Optional[int], last: bool) -> torch.Tensor:
+        """Close a piece with its final `chunk`: keep only its first `keep_samples` (None: all); hold the join tail unless `last`."""
+        chunk = chunk.detach().float().reshape(1, -1).cpu()
+        emitted = self.piece_samples - self._held.shape[1]
+        held = torch.cat([self._held, chunk], dim=1)
+        if keep_samples is not None:
+            held = held[:, : max(0, keep_samples - emitted)]
+        self._held = torch.zeros(1, 0)
+        self.piece_samples = 0
+        out = self._join(held) if held.shape[1] else held
+        if last:
+            if self._tail is not None:  # the final piece produced nothing: release the held tail
+                out, self._tail = torch.cat([self._tail, out], dim=1), None
+            return out
+        if self._tail is not None:  # an empty piece between two others: keep the older tail
+            out, self._tail = torch.cat([self._tail, out], dim=1), None
+        cut = max(0, out.shape[1] - self.join)
+        self._tail = out[:, cut:]
+        return out[:, :cut]
 
 
 @dataclass
@@ -327,6 +399,10 @@ class EngineBase:
         Each row may be split into pieces; every piece of every row is decoded together and vocoded
         together, then each row's pieces are joined with a short crossfade and watermarked.
         """
+        with torch.inference_mode():
+            return self._run_rows(rows, split_text)
+
+    def _run_rows(self, rows: list[dict], split_text: bool) -> list[torch.Tensor]:
         jobs: list[Job] = []
         owners: list[int] = []
         for i, r in enumerate(rows):
@@ -338,9 +414,8 @@ class EngineBase:
                 jobs.append(self._job(piece, voice=r["voice"], params=r["params"], exaggeration=r["exaggeration"],
                                       max_new_tokens=r["max_new_tokens"], rnd=rnd, language=r.get("language")))
                 owners.append(i)
-        with torch.inference_mode():
-            speech = self._decode_jobs(jobs)
-            wavs = self._vocode(jobs, speech)
+        speech = self._decode_jobs(jobs)
+        wavs = self._vocode(jobs, speech)
         out = []
         for i in range(len(rows)):
             parts = [w for w, o in zip(wavs, owners) if o == i]
@@ -390,6 +465,99 @@ class EngineBase:
                              exaggeration=per["exaggeration"][i], max_new_tokens=per["max_new_tokens"][i],
                              seed=seeds[i], generator=None, language=None if languages is None else languages[i]))
         return self._run(rows, split_text=split_text)
+
+    # -------------------------------------------------------------- streaming
+    STREAM_TAIL_TOKENS = 0  # silence tokens S3Gen appends at the end (Turbo: 3, as its offline path)
+
+    def _stream_holdback(self) -> int:
+        return 0
+
+    def _stream_keep(self, n_speech: int) -> Optional[int]:
+        """Samples a finished piece keeps (None: all S3Gen made)."""
+        return None
+
+    def stream_schedule(self, chunk_size: Optional[int] = None):
+        """The chunk schedule of `generate_stream`: `chunk_size` tokens first, then growing (default 20, 30, 60)."""
+        from .runtime.s3gen_stream import ChunkSchedule
+
+        if chunk_size is None:
+            return ChunkSchedule()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of speech tokens (25 per second), got {chunk_size!r}")
+        return ChunkSchedule.from_chunk_size(max(chunk_size, 8))
+
+    def _stream(self, make_row, *, split_text: bool, chunk_size: Optional[int], output: str) -> Iterator:
+        """Generator behind `generate_stream`: T3 tokens as they decode -> S3Gen chunks -> (chunk, metrics).
+
+        `make_row()` validates the arguments and builds the request row, so bad input raises on the
+        first `next()`, exactly as `generate` would raise.
+        """
+        from .runtime.s3gen_stream import S3GenStreamer
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # never around a `yield`: the consumer's code must not run in inference mode
+            row = make_row()
+            if output not in ("float32", "pcm16"):
+                raise ValueError(f"output must be 'float32' or 'pcm16', got {output!r}")
+            schedule = self.stream_schedule(chunk_size)
+            gen = row["generator"]
+            if gen is None and row["seed"] is not None:
+                gen = torch.Generator().manual_seed(int(row["seed"]))
+            jobs = [self._job(piece, voice=row["voice"], params=row["params"], exaggeration=row["exaggeration"],
+                              max_new_tokens=row["max_new_tokens"],
+                              rnd=RequestRandomness.create(self.device, generator=gen), language=row.get("language"))
+                    for piece in self._pieces(row["text"], split_text, row.get("language"))]
+        handles = [self.scheduler.submit(j.request) for j in jobs]  # every piece decodes at once
+        metrics = StreamMetrics()
+        emitter = _Emitter(self.sr, holdback=self._stream_holdback())
+
+        def emit(chunk: torch.Tensor):
+            metrics.elapsed = time.perf_counter() - t0
+            if chunk.shape[1] == 0:
+                return None
+            wav = chunk.numpy().reshape(-1)
+            wav = self.watermarker.apply_watermark(wav, sample_rate=self.sr)  # per chunk (see README)
+            chunk = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]
+            metrics.chunk_count += 1
+            metrics.total_audio_duration += chunk.shape[1] / self.sr
+            if metrics.latency_to_first_chunk is None:
+                metrics.latency_to_first_chunk = metrics.elapsed
+            metrics.rtf = metrics.elapsed / metrics.total_audio_duration
+            return (to_pcm16(chunk) if output == "pcm16" else chunk), metrics
+
+        try:
+            for k, (job, h) in enumerate(zip(jobs, handles)):
+                with torch.inference_mode():
+                    streamer = S3GenStreamer(self.s3gen, job.conds.gen,
+                                             flow_noise=PositionalNoise(job.rnd.flow, MEL_CHANNELS, self.s3gen.device),
+                                             hift_generator=job.rnd.hift, n_cfm_timesteps=self.N_CFM_TIMESTEPS,
+                                             schedule=schedule, extra_tail_tokens=self.STREAM_TAIL_TOKENS)
+                n_speech = 0
+                for toks in h:
+                    metrics.speech_tokens += len(toks)
+                    valid = [t for t in toks if t < SPEECH_VOCAB_SIZE]
+                    if not valid:
+                        continue
+                    n_speech += len(valid)
+                    with torch.inference_mode():
+                        outs = [emitter.push(c) for c in
+                                streamer.push(torch.tensor(valid, dtype=torch.long, device=self.s3gen.device))]
+                    for out in outs:
+                        got = emit(out)
+                        if got is not None:
+                            yield got
+                with torch.inference_mode():
+                    last = streamer.finish() if n_speech else torch.zeros(1, 0)
+                    out = emitter.end_piece(last, self._stream_keep(n_speech) if n_speech else 0,
+                                            last=k == len(jobs) - 1)
+                if not n_speech:
+                    logger.warning("no speech generated (T3 stopped immediately) for a piece of the stream")
+                got = emit(out)
+                if got is not None:
+                    yield got
+        finally:
+            for h in handles:
+                h.cancel()  # the client went away (generator closed) or an error: free the decode slots
 
     # -------------------------------------------------------------- speed
     def compile(self, **options) -> "EngineBase":

@@ -92,14 +92,36 @@ class ChatterboxMultilingualTTS(EngineBase):
                  generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
                  split_text: bool = False) -> torch.Tensor:
         """Speak `text` in `language_id` (a code of SUPPORTED_LANGUAGES); float32 (1, N) CPU tensor at 24 kHz."""
+        return self._run([self._row(text, language_id, audio_prompt_path, exaggeration, cfg_weight, temperature,
+                                    repetition_penalty, min_p, top_p, conds, seed, generator, max_new_tokens)],
+                         split_text=split_text)[0]
+
+    def generate_stream(self, text, language_id, audio_prompt_path=None, exaggeration=0.5, cfg_weight=0.5,
+                        temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0, *,
+                        conds: Optional[Conditionals] = None, seed: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
+                        split_text: bool = False, chunk_size: Optional[int] = None, output: str = "float32"):
+        """Speak `text` in `language_id` as a stream of (audio_chunk, metrics); see `ChatterboxTTS.generate_stream`."""
+        return self._stream(lambda: self._row(text, language_id, audio_prompt_path, exaggeration, cfg_weight,
+                                              temperature, repetition_penalty, min_p, top_p, conds, seed, generator,
+                                              max_new_tokens),
+                            split_text=split_text, chunk_size=chunk_size, output=output)
+
+    def _row(self, text, language_id, audio_prompt_path, exaggeration, cfg_weight, temperature, repetition_penalty,
+             min_p, top_p, conds, seed, generator, max_new_tokens) -> dict:
         language = _language(language_id)
         self._check_common(text, max_new_tokens)
         voice = self._voice(conds, audio_prompt_path, exaggeration)
         params = self._params(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                               cfg_weight=cfg_weight)
-        return self._run([dict(text=text, voice=voice, params=params, exaggeration=exaggeration,
-                               max_new_tokens=max_new_tokens, seed=seed, generator=generator, language=language)],
-                         split_text=split_text)[0]
+        return dict(text=text, voice=voice, params=params, exaggeration=exaggeration, max_new_tokens=max_new_tokens,
+                    seed=seed, generator=generator, language=language)
+
+    def _stream_holdback(self) -> int:
+        return SAMPLES_PER_TOKEN  # the last token's audio is dropped at the end
+
+    def _stream_keep(self, n_speech: int) -> Optional[int]:
+        return max(1, n_speech - 1) * SAMPLES_PER_TOKEN
 
     def generate_batch(self, texts, language_id, *, conds=None, audio_prompt_path=None, seed=None,
                        exaggeration=0.5, cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05,

@@ -245,11 +245,12 @@ def tiny_t3(kind: str, salt: int = 0):
 
 
 def tiny_model(kind: str, workdir, *, device: str = "cpu", ref_seconds: Optional[float] = None,
-               watermark: bool = False, salt: int = 0):
+               watermark: bool = False, salt: int = 0, cfm_steps: Optional[int] = None):
     """A public model object of `kind` with a tiny T3 and full-size deterministic S3Gen/VoiceEncoder, voice prepared.
 
     Same classes and code paths as a real checkpoint; only the T3 backbone is 2 layers deep, so
-    tests of the pipeline, batching, streaming and serving run in seconds on a CPU.
+    tests of the pipeline, batching, streaming and serving run in seconds on a CPU. `cfm_steps`
+    overrides the S3Gen flow's step count (tests of logic rather than audio use 2 for CFM models).
     """
     from pathlib import Path
 
@@ -272,6 +273,8 @@ def tiny_model(kind: str, workdir, *, device: str = "cpu", ref_seconds: Optional
     cls = api_class(spec.kind)
     kw = {"model_label": "Nano" if spec.kind == "nano" else "Turbo"} if spec.text_frontend == "gpt2" else {}
     model = cls(t3, s3, ve, _load_tokenizer(spec, d), device, watermark=watermark, **kw)
+    if cfm_steps is not None:
+        model.N_CFM_TIMESTEPS = cfm_steps
     seconds = ref_seconds or (5.5 if spec.meanflow else 2.0)
     ref = d / f"voice_{salt}.wav"
     sf.write(str(ref), test_wav(24000, seconds, seed=4321 + salt).numpy(), 24000, subtype="FLOAT")

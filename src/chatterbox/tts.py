@@ -58,12 +58,34 @@ class ChatterboxTTS(EngineBase):
         only), `seed`/`generator`, `max_new_tokens` (25 per second), `split_text` (long text in
         sentence pieces, decoded as one batch and crossfaded). `cfg_weight=0` runs without guidance.
         """
+        return self._run([self._row(text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration, cfg_weight,
+                                    temperature, conds, seed, generator, max_new_tokens)], split_text=split_text)[0]
+
+    def generate_stream(self, text, repetition_penalty=1.2, min_p=0.05, top_p=1.0, audio_prompt_path=None,
+                        exaggeration=0.5, cfg_weight=0.5, temperature=0.8, *, conds: Optional[Conditionals] = None,
+                        seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                        max_new_tokens: int = 1000, split_text: bool = False, chunk_size: Optional[int] = None,
+                        output: str = "float32"):
+        """Speak `text` as a stream: yields (audio_chunk, metrics) while T3 is still decoding.
+
+        `audio_chunk` is a (1, n) float32 CPU tensor at 24 kHz (little-endian int16 bytes with
+        `output="pcm16"`); `metrics` a `StreamMetrics`. Same arguments and errors as `generate`;
+        `chunk_size` = speech tokens of the first chunk (25 per second; later chunks grow).
+        Closing the iterator cancels the request. The same seed gives the same stream.
+        """
+        return self._stream(lambda: self._row(text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration,
+                                              cfg_weight, temperature, conds, seed, generator, max_new_tokens),
+                            split_text=split_text, chunk_size=chunk_size, output=output)
+
+    def _row(self, text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration, cfg_weight, temperature,
+             conds, seed, generator, max_new_tokens) -> dict:
+        """Validate one call's arguments and read its voice once."""
         self._check_common(text, max_new_tokens)
         voice = self._voice(conds, audio_prompt_path, exaggeration)
         params = self._params(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                               cfg_weight=cfg_weight)
-        return self._run([dict(text=text, voice=voice, params=params, exaggeration=exaggeration,
-                               max_new_tokens=max_new_tokens, seed=seed, generator=generator)], split_text=split_text)[0]
+        return dict(text=text, voice=voice, params=params, exaggeration=exaggeration, max_new_tokens=max_new_tokens,
+                    seed=seed, generator=generator)
 
     def generate_batch(self, texts, *, conds=None, audio_prompt_path=None, seed=None, repetition_penalty=1.2,
                        min_p=0.05, top_p=1.0, exaggeration=0.5, cfg_weight=0.5, temperature=0.8, max_new_tokens=1000,

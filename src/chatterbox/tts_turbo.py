@@ -33,6 +33,7 @@ class ChatterboxTurboTTS(EngineBase):
     DEC_COND_LEN = 10 * 24000
     MIN_PROMPT_SECONDS = 5.0
     N_CFM_TIMESTEPS = 2
+    STREAM_TAIL_TOKENS = 3  # the offline path's three trailing silence tokens
 
     def __init__(self, t3, s3gen, ve, tokenizer, device: str, conds: Optional[Conditionals] = None,
                  model_label: str = "Turbo", *, watermark: bool = True):
@@ -95,14 +96,31 @@ class ChatterboxTurboTTS(EngineBase):
                  generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
                  split_text: bool = False) -> torch.Tensor:
         """Speak `text`; returns a float32 (1, N) CPU tensor at 24 kHz. `cfg_weight`, `exaggeration`, `min_p` are ignored."""
+        return self._run([self._row(text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration, cfg_weight,
+                                    temperature, top_k, norm_loudness, conds, seed, generator, max_new_tokens)],
+                         split_text=split_text)[0]
+
+    def generate_stream(self, text, repetition_penalty=1.2, min_p=0.00, top_p=0.95, audio_prompt_path=None,
+                        exaggeration=0.0, cfg_weight=0.0, temperature=0.8, top_k=1000, norm_loudness=True, *,
+                        conds: Optional[Conditionals] = None, seed: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None, max_new_tokens: int = 1000,
+                        split_text: bool = False, chunk_size: Optional[int] = None, output: str = "float32"):
+        """Speak `text` as a stream of (audio_chunk, metrics); see `ChatterboxTTS.generate_stream`."""
+        return self._stream(lambda: self._row(text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration,
+                                              cfg_weight, temperature, top_k, norm_loudness, conds, seed, generator,
+                                              max_new_tokens),
+                            split_text=split_text, chunk_size=chunk_size, output=output)
+
+    def _row(self, text, repetition_penalty, min_p, top_p, audio_prompt_path, exaggeration, cfg_weight, temperature,
+             top_k, norm_loudness, conds, seed, generator, max_new_tokens) -> dict:
         self._check_common(text, max_new_tokens)
         if exaggeration > 0.0:
             logger.warning("%s ignores exaggeration", self.model_label)
         voice = self._voice(conds, audio_prompt_path, exaggeration, norm_loudness=norm_loudness)
         params = self._params(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                               cfg_weight=cfg_weight, top_k=top_k)
-        return self._run([dict(text=text, voice=voice, params=params, exaggeration=0.0, max_new_tokens=max_new_tokens,
-                               seed=seed, generator=generator)], split_text=split_text)[0]
+        return dict(text=text, voice=voice, params=params, exaggeration=0.0, max_new_tokens=max_new_tokens, seed=seed,
+                    generator=generator)
 
     def generate_batch(self, texts, *, conds=None, audio_prompt_path=None, seed=None, repetition_penalty=1.2,
                        min_p=0.0, top_p=0.95, exaggeration=0.0, cfg_weight=0.0, temperature=0.8, top_k=1000,

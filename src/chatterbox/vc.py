@@ -6,12 +6,19 @@ from typing import Optional
 import torch
 
 from .checkpoints import download, load_into, load_weights, require_files, resolve_device
-from .engine import Conditionals, EngineBase
+import time
+
+import numpy as np
+
+from .engine import Conditionals, EngineBase, StreamMetrics, to_pcm16
 from .models.s3gen import S3Gen
 from .models.s3tokenizer import S3_SR
 from .reference import load_source
+
+MAX_VC_STREAM_SECONDS = 1800.0  # generate_stream converts sources up to 30 min (tokenised in segments)
+SOURCE_SEGMENT_SECONDS = 30.0
 from .registry import get_spec
-from .runtime.noise import RequestRandomness
+from .runtime.noise import PositionalNoise, RequestRandomness
 
 REPO_ID = "ResembleAI/chatterbox"
 
@@ -79,3 +86,55 @@ class ChatterboxVC(EngineBase):
             generator = torch.Generator().manual_seed(int(seed))
         rnd = RequestRandomness.create(self.device, generator=generator)
         return self._finish(self._s3gen_wavs([speech], [ref], [rnd])[0])
+
+    def generate_stream(self, audio, target_voice_path=None, *, seed: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = None,
+                        output: str = "float32"):
+        """Convert a long source as a stream of (audio_chunk, metrics): the source is tokenised in 30 s
+        segments and re-synthesised chunk by chunk (sources up to MAX_VC_STREAM_SECONDS)."""
+        from .runtime.s3gen_stream import S3GenStreamer
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if output not in ("float32", "pcm16"):
+                raise ValueError(f"output must be 'float32' or 'pcm16', got {output!r}")
+            ref = self._target(target_voice_path)
+            schedule = self.stream_schedule(chunk_size)
+            wav16 = load_source(audio, S3_SR, max_seconds=MAX_VC_STREAM_SECONDS)
+            if generator is None and seed is not None:
+                generator = torch.Generator().manual_seed(int(seed))
+            rnd = RequestRandomness.create(self.device, generator=generator)
+            streamer = S3GenStreamer(self.s3gen, ref, flow_noise=PositionalNoise(rnd.flow, 80, self.s3gen.device),
+                                     hift_generator=rnd.hift, schedule=schedule)
+        metrics = StreamMetrics()
+
+        def emit(chunk: torch.Tensor):
+            metrics.elapsed = time.perf_counter() - t0
+            if chunk.shape[-1] == 0:
+                return None
+            x = self.watermarker.apply_watermark(chunk.float().reshape(-1).cpu().numpy(), sample_rate=self.sr)
+            chunk = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+            metrics.chunk_count += 1
+            metrics.total_audio_duration += chunk.shape[1] / self.sr
+            if metrics.latency_to_first_chunk is None:
+                metrics.latency_to_first_chunk = metrics.elapsed
+            metrics.rtf = metrics.elapsed / metrics.total_audio_duration
+            return (to_pcm16(chunk) if output == "pcm16" else chunk), metrics
+
+        seg = int(SOURCE_SEGMENT_SECONDS * S3_SR)
+        for start in range(0, len(wav16), seg):
+            with torch.inference_mode():
+                piece = torch.from_numpy(wav16[start:start + seg]).to(self.device)
+                tokens, _ = self.s3gen.tokenizer(piece[None])
+                tokens = self._valid_speech(tokens).to(self.device)
+                metrics.speech_tokens += tokens.numel()
+                outs = streamer.push(tokens) if tokens.numel() else []
+            for c in outs:
+                got = emit(c)
+                if got is not None:
+                    yield got
+        with torch.inference_mode():
+            last = streamer.finish()
+        got = emit(last)
+        if got is not None:
+            yield got

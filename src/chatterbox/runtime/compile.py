@@ -162,19 +162,20 @@ def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int =
         for text in texts:
             model.generate(*model.warmup_args(text), seed=seed, max_new_tokens=max_new_tokens)
     s3gen = getattr(model, "s3gen", None)
-    buckets = getattr(s3gen, "_length_buckets", None) if s3gen is not None else None
+    buckets = s3gen.length_buckets if s3gen is not None else None
     if buckets:
-        from .s3gen_buckets import HIFT_WARM_FRAMES, bucketed_inference, warm_hift
+        from .noise import PositionalNoise
+        from .s3gen_buckets import HIFT_WARM_FRAMES, warm_hift
 
         ref = model.conds.gen if getattr(model, "conds", None) is not None else getattr(model, "ref_dict", None)
         if ref is None:
             raise RuntimeError("warmup needs a voice: prepare_conditionals()/set_target_voice() first")
         p = ref["prompt_token"].shape[-1]
-        steps = 2 if s3gen.meanflow else None
         for b in (s3gen_buckets or buckets):
-            if b > p:
+            if b > p:  # one request that fills bucket b exactly
                 dummy = torch.zeros(b - p, dtype=torch.long, device=s3gen.device)
-                bucketed_inference(s3gen, dummy, ref, n_cfm_timesteps=steps, buckets=buckets)
+                s3gen.synthesize([dummy], [ref], flow_noise=[PositionalNoise(None, 80, s3gen.device)],
+                                 hift_generators=[None], n_cfm_timesteps=getattr(model, "N_CFM_TIMESTEPS", None))
         warm_hift(s3gen, hift_frames or HIFT_WARM_FRAMES)
     dt = time.perf_counter() - t0
     logger.info("warm-up took %.1f s", dt)
