@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import threading
 import time

@@ -47,3 +47,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """kind -> a complete deterministic-weight checkpoint directory, written once per test session.
+
+    Short references keep S3Gen's prompt (and CI time) small; Turbo/Nano need more than 5 s.
+    """
+    from chatterbox.testing import write_checkpoint
+
+    made: dict = {}
+
+    def get(kind: str):
+        if kind not in made:
+            seconds = 5.5 if kind in ("turbo", "nano") else 2.0
+            made[kind] = write_checkpoint(kind, tmp_path_factory.mktemp(f"ckpt-{kind}"), ref_seconds=seconds)
+        return made[kind]
+
+    return get

@@ -14,7 +14,7 @@ import torch
 
 from conftest import load_fixture, rel_err
 from chatterbox.engine import Conditionals
-from chatterbox.testing import load_checkpoint, test_wav, write_checkpoint
+from chatterbox.testing import load_checkpoint, test_wav
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +35,9 @@ def ref_seconds(kind: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def ckpt_dirs(tmp_path_factory):
-    """kind -> checkpoint directory, written once per module on first use."""
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = write_checkpoint(kind, tmp_path_factory.mktemp(kind), ref_seconds=ref_seconds(kind))
-        return made[kind]
-
-    yield get
-    for d in made.values():
-        shutil.rmtree(d, ignore_errors=True)
+def ckpt_dirs(checkpoint_dir):
+    """kind -> checkpoint directory (shared with the other test files of the session)."""
+    return checkpoint_dir
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 sf = pytest.importorskip("soundfile")
 
-from chatterbox.testing import test_wav, write_checkpoint  # noqa: E402
+from chatterbox.testing import test_wav  # noqa: E402
 from chatterbox.tts_turbo import ChatterboxTurboTTS  # noqa: E402
 
 CONTRACT = ("make_conditionals", "engine_stats", "set_max_batch", "close")
@@ -42,8 +42,8 @@ SR = 24000
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_checkpoint("nano", tmp_path_factory.mktemp("nano-ckpt"), ref_seconds=5.5)
+def ckpt(checkpoint_dir):
+    return checkpoint_dir("nano")  # ref_seconds=5.5, shared with tests/test_api.py
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import load_fixture, read_inventory, rel_err
 from chatterbox.models.t3 import T3, T3Cond, T3Config
 from chatterbox.models.t3.inference import sampling
 from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-from chatterbox.runtime.t3_decoder import DecodeRequest, SamplingParams, T3Decoder, decode_all, llama_request
+from chatterbox.runtime.t3_decoder import SamplingParams, T3Decoder, decode_all, llama_request
 from chatterbox.testing import det_state_dict
 
 VARIANTS = {

@@ -3,64 +3,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from typing import Optional
 
-MODELS = ("original", "turbo", "nano", "multilingual")
-KIND = {"original": "english", "turbo": "turbo", "nano": "nano", "multilingual": "multilingual"}
+from .registry import MODEL_KINDS as MODELS
 
 logger = logging.getLogger("chatterbox.cli")
 
 
-def split_sentences(text: str, max_chars: int = 300) -> list[str]:
-    """Split long text at sentence ends (then commas, then words) into pieces of at most `max_chars`."""
-    pieces: list[str] = []
-    for sent in re.split(r"(?<=[.!?。！？])\s+", text.strip()):
-        while len(sent) > max_chars:
-            cut = max(sent.rfind(", ", 0, max_chars), sent.rfind(" ", 0, max_chars))
-            cut = cut if cut > 0 else max_chars
-            pieces.append(sent[:cut].strip())
-            sent = sent[cut:].strip()
-        if sent:
-            pieces.append(sent)
-    return pieces
-
-
 def load_model(model: str, device: str, ckpt_dir: Optional[str], watermark: bool):
     """`from_local(ckpt_dir)` when a directory is given, else `from_pretrained` (Hugging Face Hub)."""
-    from .testing import load_checkpoint
+    from .registry import load_model as _load
 
-    if ckpt_dir:
-        return load_checkpoint(KIND[model], ckpt_dir, device, watermark=watermark)
-    if model == "original":
-        from .tts import ChatterboxTTS
-        return ChatterboxTTS.from_pretrained(device, watermark=watermark)
-    if model in ("turbo", "nano"):
-        from .tts_turbo import ChatterboxTurboTTS
-        return ChatterboxTurboTTS.from_pretrained(device, nano=model == "nano", watermark=watermark)
-    from .mtl_tts import ChatterboxMultilingualTTS
-    return ChatterboxMultilingualTTS.from_pretrained(device, watermark=watermark)
+    return _load(model, ckpt_dir, device, watermark=watermark)
 
 
 def synthesize(tts, text: str, *, model: str, voice: Optional[str], language: Optional[str], seed: Optional[int],
-               max_new_tokens: int, progress: bool = True):
-    """Speak `text` piece by piece (sentences) with a progress bar; returns a (1, N) float32 tensor."""
-    import torch
-    from tqdm import tqdm
+               max_new_tokens: int):
+    """Speak `text` (long text split into sentence pieces, decoded as one batch, crossfaded); (1, N) float32."""
+    from .text import split_text
 
-    if voice:
-        tts.prepare_conditionals(voice)
-    pieces = split_sentences(text)
-    if not pieces:
-        raise ValueError("text is empty or only whitespace; pass the words to speak")
-    out = []
-    for i, piece in enumerate(tqdm(pieces, desc="Synthesising", unit="sentence", disable=not progress or len(pieces) < 2)):
-        kw = dict(seed=None if seed is None else seed + i, max_new_tokens=max_new_tokens)
-        wav = tts.generate(piece, language, **kw) if model == "multilingual" else tts.generate(piece, **kw)
-        out.append(wav)
-    return torch.cat(out, dim=1)
+    conds = tts.make_conditionals(voice) if voice else None
+    pieces = split_text(text, language=language)
+    if len(pieces) > 1:
+        logger.info("speaking %d pieces as one batch", len(pieces))
+    args = (text, language) if model == "multilingual" else (text,)
+    return tts.generate(*args, conds=conds, seed=seed, max_new_tokens=max_new_tokens, split_text=True)
 
 
 def write_wav(path: str, wav, sr: int) -> None:
@@ -71,7 +40,7 @@ def write_wav(path: str, wav, sr: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatterbox", description="Chatterbox text-to-speech (chatterbox-fast).")
-    ap.add_argument("--text", required=True, help="text to speak (long text is split into sentences)")
+    ap.add_argument("--text", required=True, help="text to speak (long text is split into sentence pieces)")
     ap.add_argument("--out", required=True, help="output WAV path (24 kHz, 16-bit)")
     ap.add_argument("--voice", help="reference audio to clone (any rate, mono or stereo)")
     ap.add_argument("--model", choices=MODELS, default="original")
@@ -79,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
     ap.add_argument("--ckpt-dir", default=None, help="local checkpoint directory (skips the Hub download)")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens per sentence (25 per second)")
+    ap.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens per piece of text (25 per second)")
     ap.add_argument("--compile", action="store_true", help="compile the model first (worth it for long jobs)")
     ap.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -108,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             tts.compile()
         t0 = time.perf_counter()
         wav = synthesize(tts, a.text, model=a.model, voice=a.voice, language=a.language, seed=a.seed,
-                         max_new_tokens=a.max_new_tokens, progress=not a.quiet)
+                         max_new_tokens=a.max_new_tokens)
         dt = time.perf_counter() - t0
         write_wav(a.out, wav, tts.sr)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

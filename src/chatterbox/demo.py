@@ -20,8 +20,10 @@ DEFAULT_TEXT = "Chatterbox fast runs the whole text to speech pipeline end to en
 
 def det_checkpoint(kind: str) -> Path:
     """The cached deterministic-weight checkpoint directory for `kind`, written on first use."""
+    from .registry import get_spec
     from .testing import write_checkpoint
 
+    kind = get_spec(kind).kind
     root = Path(os.environ.get("CHATTERBOX_FAST_CACHE", Path.home() / ".cache" / "chatterbox-fast"))
     d = root / f"det-{kind}"
     if not (d / "conds.pt").is_file():
@@ -39,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=100)
     a = ap.parse_args(argv)
-    ckpt = a.ckpt_dir or str(det_checkpoint(cli.KIND[a.model]))
+    ckpt = a.ckpt_dir or str(det_checkpoint(a.model))
     args = ["--text", a.text, "--out", a.out, "--model", a.model, "--ckpt-dir", ckpt, "--seed", "0",
             "--max-new-tokens", str(a.max_new_tokens), "--no-watermark"]
     if a.model == "multilingual":

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,32 @@ def to_pcm16(chunk: torch.Tensor) -> bytes:
     """(1, n) float waveform -> little-endian signed 16-bit PCM bytes (clipped to [-1, 1])."""
     x = np.clip(chunk.detach().float().reshape(-1).cpu().numpy(), -1.0, 1.0)
     return (np.round(x * 32767.0)).astype("<i2").tobytes()
+
+
+class AudioStream:
+    """What `generate_stream` returns: an iterator of (audio_chunk, StreamMetrics).
+
+    `close()` (or dropping the iterator) and `cancel()` stop the request and free its decode slots;
+    `cancel()` may be called from any thread (a consumer blocked in `next()` then gets
+    `RequestCancelled`). Bad arguments raise on the first `next()`.
+    """
+
+    def __init__(self, make_gen):
+        self._handles: list = []
+        self._gen = make_gen(self._handles)
+
+    def __iter__(self) -> "AudioStream":
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def cancel(self) -> None:
+        for h in list(self._handles):
+            h.cancel()
 
 
 class _Emitter:
@@ -486,7 +512,13 @@ class EngineBase:
             raise ValueError(f"chunk_size must be a positive number of speech tokens (25 per second), got {chunk_size!r}")
         return ChunkSchedule.from_chunk_size(max(chunk_size, 8))
 
-    def _stream(self, make_row, *, split_text: bool, chunk_size: Optional[int], output: str) -> Iterator:
+    def _stream(self, make_row, *, split_text: bool, chunk_size: Optional[int], output: str) -> AudioStream:
+        """`generate_stream`'s iterator (see `AudioStream`)."""
+        return AudioStream(lambda handles: self._stream_gen(make_row, handles, split_text=split_text,
+                                                            chunk_size=chunk_size, output=output))
+
+    def _stream_gen(self, make_row, handles: list, *, split_text: bool, chunk_size: Optional[int],
+                    output: str) -> Iterator:
         """Generator behind `generate_stream`: T3 tokens as they decode -> S3Gen chunks -> (chunk, metrics).
 
         `make_row()` validates the arguments and builds the request row, so bad input raises on the
@@ -507,7 +539,7 @@ class EngineBase:
                               max_new_tokens=row["max_new_tokens"],
                               rnd=RequestRandomness.create(self.device, generator=gen), language=row.get("language"))
                     for piece in self._pieces(row["text"], split_text, row.get("language"))]
-        handles = [self.scheduler.submit(j.request) for j in jobs]  # every piece decodes at once
+        handles.extend(self.scheduler.submit(j.request) for j in jobs)  # every piece decodes at once
         metrics = StreamMetrics()
         emitter = _Emitter(self.sr, holdback=self._stream_holdback())
 

@@ -378,23 +378,6 @@ def _balance(atoms: list[tuple[str, str]], max_chars: int) -> list[tuple[str, st
 
 
 def _merge_small(pieces: list[tuple[str, str]], min_chars: int, max_chars: int) -> list[tuple[str, str]]:
-    """Merge pieces shorter than min_chars (shortest first) into the neighbour that gives the shorter fit."""
-    pieces = list(pieces)
-    while True:
-        for _, i in sorted((len(t), i) for i, (t, _) in enumerate(pieces) if len(t) < min_chars):
-            options = [(len(pieces[left][0]) + len(pieces[left + 1][1]) + len(pieces[left + 1][0]), left)
-                       for left in (i - 1, i) if 0 <= left and left + 1 < len(pieces)]
-            options = [o for o in options if o[0] <= max_chars]
-            if options:
-                left = min(options)[1]
-                (a, ja), (b, jb) = pieces[left], pieces[left + 1]
-                pieces[left:left + 2] = [(a + jb + b, ja)]
-                break
-        else:
-            return pieces
-
-
-def _merge_small(pieces: list[tuple[str, str]], min_chars: int, max_chars: int) -> list[tuple[str, str]]:
     """Merge pieces shorter than min_chars into the shorter-after-merge neighbour while it fits."""
     pieces = list(pieces)
     stuck: set[str] = set()
