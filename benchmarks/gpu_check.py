@@ -12,7 +12,8 @@ Per model kind (English with CFG, Turbo, Nano) it records
 - speed: T3 tokens/s for upstream-style eager decoding (the baseline, same run), ours fp32 eager,
   ours bf16 compiled; S3Gen milliseconds per audio second (CFM 10 steps / meanflow 2 steps);
   end-to-end real-time factor for ~10 s of audio; warm-up seconds; peak device memory (bf16);
-  Turbo/Nano aggregate T3 tokens/s with B concurrent requests (--batch);
+  Turbo/Nano aggregate T3 tokens/s with B concurrent requests (--batch); streaming time to first
+  audio, and N concurrent streams (--streams) with their p95 time to first audio and worst RTF;
   tf32: the float32 S3Gen time with TF32 allowed, next to the default.
 It prints one table and writes JSON (--out). Targets for an H100/H200 are listed in BENCHMARKS.md;
 figures belong there only when measured on such a device.
@@ -142,16 +143,53 @@ def s3gen_ms_per_audio_s(model, n: int, device: str, seed: int = 0) -> tuple[flo
     return 1000 * (time.perf_counter() - t) / (wav.shape[-1] / 24000), wav.float().cpu()
 
 
+def stream_once(model, kind: str, seed: int, tokens: int):
+    """One generate_stream call consumed to the end: (samples, final metrics)."""
+    n, m = 0, None
+    for chunk, m in model.generate_stream(TEXT, max_new_tokens=tokens, **gen_kwargs(kind, seed=seed)):
+        n += chunk.shape[-1]
+    return n, m
+
+
+def concurrent_streams(model, kind: str, n: int, tokens: int) -> list[tuple[float, float]]:
+    """n streams from n threads at once: (time to first audio, RTF) of each."""
+    import threading
+
+    out, errors = [], []
+
+    def work(i):
+        try:
+            _, m = stream_once(model, kind, i, tokens)
+            out.append((m.latency_to_first_chunk, m.rtf))
+        except Exception as e:  # reported as a failed check
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(900)
+    if errors:
+        raise errors[0]
+    return out
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float((a - b).norm() / max(float(b.norm()), 1e-12))
 
 
+def batch_for(kind: str, a) -> int:
+    return 1 if kind == "original" else max(a.batch, 1)
+
+
 def compile_opts(a, kind: str, model, dtype: str) -> dict:
     p = model.conds.gen["prompt_token"].shape[-1]
     cuda = a.device.startswith("cuda")
-    opts = dict(dtype=dtype, max_batch=max(a.batch, 1), max_text_tokens=128, max_new_tokens=a.tokens,
+    # English is checked one request at a time (its VRAM target is for a single stream); Turbo/Nano
+    # decode --batch requests together for the aggregate figure
+    opts = dict(dtype=dtype, max_batch=batch_for(kind, a), max_text_tokens=128, max_new_tokens=a.tokens,
                 s3gen=cuda, buckets=(p + a.tokens + 8,))
     if not cuda:
         opts.update(backend=a.cpu_backend, s3gen=False)
@@ -164,7 +202,7 @@ def check_kind(kind: str, a, workdir: Path) -> dict:
     row: dict = dict(model=kind)
     # ---------------------------------------------------------------- eager fp32 + baseline
     model = load(kind, a, workdir)
-    model.set_max_batch(max(a.batch, 1))
+    model.set_max_batch(batch_for(kind, a))
     t3_tokens(model, kind, 4, 0, dev)  # first use: builds the decoder
     eager_toks, dt = t3_tokens(model, kind, a.tokens, 0, dev)
     row["t3_tokens_per_s_fp32_eager"] = round(len(eager_toks) / dt, 1)
@@ -204,7 +242,7 @@ def check_kind(kind: str, a, workdir: Path) -> dict:
     # ---------------------------------------------------------------- compiled bf16: speed, memory, twice in a row
     torch._dynamo.reset()
     model = load(kind, a, workdir)
-    model.set_max_batch(max(a.batch, 1))
+    model.set_max_batch(batch_for(kind, a))
     model.compile(**compile_opts(a, kind, model, "bfloat16"))
     t = time.perf_counter()
     model.warmup(max_new_tokens=8)
@@ -226,6 +264,16 @@ def check_kind(kind: str, a, workdir: Path) -> dict:
         row[f"t3_aggregate_tokens_per_s_b{a.batch}"] = round(t3_batch_rate(model, kind, a.batch, a.tokens, dev), 1)
     ms, _ = s3gen_ms_per_audio_s(model, a.tokens, dev)
     row["s3gen_ms_per_audio_s_compiled"] = round(ms, 1)
+    # streaming: time to first audio of one stream, then N concurrent streams (all faster than real time?)
+    _, m = stream_once(model, kind, 0, a.tokens)
+    row["stream_ttfa_s"] = round(m.latency_to_first_chunk, 3)
+    n = a.streams if kind != "original" else min(a.streams, 16)
+    if n > 1:
+        rows = concurrent_streams(model, kind, n, a.tokens)
+        ttfa = sorted(r[0] for r in rows)
+        row[f"streams{n}_p95_ttfa_s"] = round(ttfa[min(len(ttfa) - 1, int(0.95 * len(ttfa)))], 3)
+        row[f"streams{n}_all_realtime"] = all(r[1] < 1.0 for r in rows)
+        row[f"streams{n}_worst_rtf"] = round(max(r[1] for r in rows), 3)
     row["peak_mem_mb_bf16"] = round(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None
     model.close()
     del model
@@ -242,6 +290,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ckpt-dir", action="append", default=[], metavar="KIND=DIR")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s of audio)")
     ap.add_argument("--batch", type=int, default=64, help="concurrent requests for the Turbo/Nano aggregate figure")
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streams (English at most 16)")
     ap.add_argument("--cpu-backend", default="eager", help="torch.compile backend off CUDA (eager: dynamo only)")
     ap.add_argument("--out", default="gpu_check.json")
     a = ap.parse_args(argv)

@@ -103,9 +103,10 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     import gpu_check
 
     res = gpu_check.main(["--device", "cpu", "--tiny", "--models", "nano", "--tokens", "6", "--batch", "2",
-                          "--out", str(tmp_path / "gc.json")])
+                          "--streams", "2", "--out", str(tmp_path / "gc.json")])
     (row,) = res["rows"]
     assert row["fp32_tokens_equal_eager"] is True and row["fp32_wav_rel_err_vs_eager"] <= 1e-3
     assert row["recompiles_after_warmup"] == 0 and row["graph_breaks"] == 0 and row["cudagraph_skips"] == 0
     assert row["bf16_runs_twice"] is True and row["t3_tokens_per_s_upstream_style"] > 0
+    assert row["stream_ttfa_s"] > 0 and "streams2_all_realtime" in row
     assert (tmp_path / "gc.json").is_file()
