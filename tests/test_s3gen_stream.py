@@ -10,7 +10,6 @@ the same tokens and noise sources.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen.const import S3GEN_SIL
 from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
 from chatterbox.models.s3gen.hifigan import HiFTGenerator
-from chatterbox.models.s3gen.s3gen import bucket_for
 from chatterbox.models.s3gen.utils.mel import mel_spectrogram
 from chatterbox.runtime import s3gen_stream as ss
 from chatterbox.runtime.noise import PositionalNoise
@@ -335,6 +333,8 @@ def test_warm_stream_runs_every_listed_shape_and_benchmark_reports():
     shapes = warm_stream(model, ref, sch, extra_tail_tokens=3)
     flow_calls = {(c["width"], c["finalize"]) for c in model.calls}
     assert set(shapes) <= flow_calls <= set(shapes) and len(shapes) == 4  # {48, 64} x {False, True}
+    model.calls.clear()
+    assert warm_stream(LocalS3Gen(), ref, sch) == [] and model.calls == []  # unbucketed: nothing to warm
     out = benchmark_stream(model, ref, n_tokens=40, schedule=sch, warm=False)
     assert [c["new_tokens"] for c in out["chunks"]] == [10, 20, 10]
     assert out["first_chunk_s"] > 0 and out["audio_s"] == pytest.approx(40 * 0.04)

@@ -9,6 +9,10 @@ One `S3GenStreamer` per request::
             play(chunk)                  # (1, n) float32 on the model device
     play(streamer.finish())              # the rest (finalize=True)
 
+Default schedule: 20, 30, then 60 new tokens per chunk. The first chunk needs 23 tokens and
+returns 0.56 s of audio (40 mel frames minus the 12 held back for the vocoder's crossfade and right
+context); later chunks return 2 frames (40 ms) per new token.
+
 Flow (token -> mel). Chunk k commits `schedule.size(k)` new tokens once 3 more (the encoder's
 pre-lookahead) have arrived. It runs the flow on one bounded window [prompt | up to
 `schedule.context` already committed tokens | the new tokens | 3 look-ahead tokens] with
@@ -45,9 +49,10 @@ pieces (T3's token stream, or source-speech tokens for voice conversion of a lon
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -57,6 +62,8 @@ from ..models.s3gen.const import S3GEN_SIL
 from ..models.s3gen.flow import validate_tokens
 from ..models.s3gen.s3gen import bucket_for
 from .noise import PositionalNoise
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ChunkSchedule", "ChunkInfo", "S3GenStreamer", "VocoderNoise", "stream_shapes", "warm_stream",
            "offline_waveform", "vocode_offline", "iter_stream", "benchmark_stream"]
@@ -170,12 +177,13 @@ class _Vocoder:
         self.rand = randomness
         self.hop = self.hift.upsample_scale  # samples per mel frame (480)
         h = randomness.harmonics
-        self.cycles_per_hz = (torch.arange(1, h + 1, dtype=torch.float64, device=s3gen.device)
+        acc = torch.float32 if s3gen.device.type == "mps" else torch.float64  # MPS has no float64
+        self.cycles_per_hz = (torch.arange(1, h + 1, dtype=acc, device=s3gen.device)
                               * self.hop / self.hift.sampling_rate)[None, :, None]  # (1, H, 1)
 
     def run(self, mel: Tensor, start: int, anchor: int, anchor_cycles: Optional[Tensor],
             new_anchor: int) -> tuple[Tensor, Tensor]:
-        """Vocode mel frames [start, start + T) -> (wav (1, 480 T), cycles at `new_anchor` (1, H, 1) float64).
+        """Vocode mel frames [start, start + T) -> (wav (1, 480 T), cycles at `new_anchor` (1, H, 1), float64 except on MPS).
 
         The sine phases at frame `anchor` equal `anchor_cycles` (None: a stream start, `start` = 0);
         cycles count whole periods accumulated before a frame's first sample, modulo 1.
@@ -184,7 +192,7 @@ class _Vocoder:
         mel = mel.to(self.s3gen.vocoder_dtype)
         t = mel.size(-1)
         f0 = hift.f0_predictor(mel).clone()  # (1, T) Hz; cloned: a compiled region's output
-        cycles = f0.double()[:, None, :] * self.cycles_per_hz  # (1, H, T) periods per frame
+        cycles = f0.to(self.cycles_per_hz.dtype)[:, None, :] * self.cycles_per_hz  # (1, H, T) periods per frame
         cum = torch.cumsum(cycles, dim=-1)
         if anchor_cycles is None:
             start_cycles = torch.zeros_like(cycles[..., :1])
@@ -197,7 +205,7 @@ class _Vocoder:
 
         phase = (2 * math.pi) * start_cycles
         if self.rand.phase is not None:
-            phase = phase + self.rand.phase.double()
+            phase = phase + self.rand.phase.to(phase.dtype)
         noise = self.rand.window(start * self.hop, (start + t) * self.hop)
         source = hift.source(f0, phase.float(), noise).clone()  # (1, 1, 480 T)
         wav = hift.decode(mel, source)[..., : t * self.hop].clone()  # (1, 480 T)
@@ -419,8 +427,14 @@ def stream_shapes(schedule: ChunkSchedule, prompt_tokens: int, buckets: Optional
 @torch.inference_mode()
 def warm_stream(s3gen, ref_dict: dict, schedule: Optional[ChunkSchedule] = None, *,
                 n_cfm_timesteps: Optional[int] = None, extra_tail_tokens: int = 0) -> list[tuple[int, bool]]:
-    """Run the flow once at every shape of `stream_shapes` (and one short stream for HiFT); returns the shapes."""
+    """Run the flow once at every shape of `stream_shapes` (and one short stream for HiFT); returns the shapes.
+
+    Without buckets (schedule's or model's) windows have no fixed shapes: nothing is run, [] is returned.
+    """
     schedule = schedule or ChunkSchedule()
+    if schedule.buckets is None and not s3gen.length_buckets:
+        logger.info("warm_stream: no length buckets, so stream windows have no fixed shapes to warm")
+        return []
     p = int(ref_dict["prompt_token"].shape[-1])
     lookahead = int(s3gen.flow.pre_lookahead_len)
     shapes = stream_shapes(schedule, p, s3gen.length_buckets, lookahead=lookahead,
@@ -475,7 +489,7 @@ def benchmark_stream(s3gen, ref_dict: dict, *, n_tokens: int = 150, schedule: Op
     schedule = schedule or ChunkSchedule()
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, s3gen.flow.vocab_size, (n_tokens,), generator=g)
-    if warm:
+    if warm and (schedule.buckets is not None or s3gen.length_buckets):
         warm_stream(s3gen, ref_dict, schedule, n_cfm_timesteps=n_cfm_timesteps)
     streamer = S3GenStreamer(s3gen, ref_dict, flow_noise=PositionalNoise(torch.Generator().manual_seed(seed), 80,
                                                                          s3gen.device),
