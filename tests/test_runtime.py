@@ -110,3 +110,14 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     assert row["bf16_runs_twice"] is True and row["t3_tokens_per_s_upstream_style"] > 0
     assert row["stream_ttfa_s"] > 0 and "streams2_all_realtime" in row
     assert (tmp_path / "gc.json").is_file()
+
+
+def test_stream_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import stream as bench
+
+    res = bench.main(["--config", "tiny", "--models", "nano", "--tokens", "40", "--device", "cpu",
+                      "--json", str(tmp_path / "s.json")])
+    (row,) = res["rows"]
+    assert row["same_length"] and row["chunks"] >= 2 and 0 < row["first_chunk_s"] < row["stream_s"]
+    assert row["boundary_jump_over_inside"] <= 1.0 and row["logmel_rel_dist"] <= 0.35

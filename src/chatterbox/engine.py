@@ -387,20 +387,16 @@ class EngineBase:
         return out  # type: ignore[return-value]
 
     def _s3gen_wavs(self, tokens: list[torch.Tensor], refs: list[dict], rnds: list[RequestRandomness]) -> list[torch.Tensor]:
-        """S3Gen for several rows: flow noise by absolute frame from each row's flow generator, HiFT from its own."""
-        noises = [PositionalNoise(r.flow, MEL_CHANNELS, self.s3gen.device) for r in rnds]
-        synth = getattr(self.s3gen, "synthesize", None)
-        if synth is not None:
-            return synth(tokens, refs, flow_noise=noises, hift_generators=[r.hift for r in rnds],
-                         n_cfm_timesteps=self.N_CFM_TIMESTEPS)
-        out = []
-        for tok, ref, noise, r in zip(tokens, refs, noises, rnds):
-            n_total = ref["prompt_token"].shape[-1] + tok.numel()
-            z = noise.window(0, 2 * n_total, self.s3gen.dtype)
-            kw = {} if self.N_CFM_TIMESTEPS is None else {"n_cfm_timesteps": self.N_CFM_TIMESTEPS}
-            wav, _ = self.s3gen.inference(speech_tokens=tok[None], ref_dict=ref, noise=z, generator=r.hift, **kw)
-            out.append(wav)
-        return out
+        """S3Gen for several rows: the flow as one exactly padded batch with noise by absolute frame from each
+        row's flow generator, HiFT per row with phases and noise by sample from its own generator (the same
+        randomness a stream of the request uses)."""
+        from .runtime.s3gen_stream import VocoderNoise
+
+        dev = self.s3gen.device
+        mels = self.s3gen.synthesize_mels(tokens, refs, [PositionalNoise(r.flow, MEL_CHANNELS, dev) for r in rnds],
+                                          n_cfm_timesteps=self.N_CFM_TIMESTEPS)
+        sources = [VocoderNoise(self.s3gen.mel2wav, r.hift, dev) for r in rnds]
+        return self.s3gen.vocode(mels, [r.hift for r in rnds], sources=sources)
 
     def _finish(self, wav: torch.Tensor) -> torch.Tensor:
         """Model waveform -> watermarked float32 (1, N) CPU tensor."""

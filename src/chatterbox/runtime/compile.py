@@ -146,13 +146,14 @@ def compile_model(model, *, dtype: DTypeLike = None, mode: Optional[str] = None,
 
 def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int = 32,
            s3gen_buckets: Optional[Sequence[int]] = None, hift_frames: Optional[Sequence[int]] = None,
-           seed: int = 0) -> float:
+           seed: int = 0, stream: bool = True) -> float:
     """Pre-compile before traffic; returns the seconds it took.
 
     Compiles T3's step for every (rows, attention length) bucket of the decoder on the scheduler's
     worker thread, runs `generate` on `texts` (prefill and S3Gen paths), then one S3Gen request per
-    length bucket (default: every configured bucket that fits the current voice's prompt), so later
-    requests never compile.
+    length bucket (default: every configured bucket that fits the current voice's prompt) and, with
+    `stream`, every flow window shape of `generate_stream`'s default schedule, so later requests
+    never compile.
     """
     t0 = time.perf_counter()
     if getattr(model, "t3", None) is not None:
@@ -177,6 +178,11 @@ def warmup(model, *, texts: Sequence[str] = ("Warm up.",), max_new_tokens: int =
                 s3gen.synthesize([dummy], [ref], flow_noise=[PositionalNoise(None, 80, s3gen.device)],
                                  hift_generators=[None], n_cfm_timesteps=getattr(model, "N_CFM_TIMESTEPS", None))
         warm_hift(s3gen, hift_frames or HIFT_WARM_FRAMES)
+        if stream:  # every flow window shape of generate_stream's default schedule, for this voice
+            from .s3gen_stream import warm_stream
+
+            warm_stream(s3gen, ref, model.stream_schedule(), n_cfm_timesteps=getattr(model, "N_CFM_TIMESTEPS", None),
+                        extra_tail_tokens=getattr(model, "STREAM_TAIL_TOKENS", 0))
     dt = time.perf_counter() - t0
     logger.info("warm-up took %.1f s", dt)
     return dt

@@ -410,18 +410,26 @@ class S3Token2Wav(S3Token2Mel):
 
     @torch.inference_mode()
     def vocode(self, mels: Sequence[Tensor], generators: Sequence[Optional[torch.Generator]], *,
-               trim_fade: bool = True) -> list[Tensor]:
+               trim_fade: bool = True, sources: Optional[Sequence] = None) -> list[Tensor]:
         """Per-row mels (1, 80, T_i) -> waveforms (1, 480 T_i), HiFT's phases and noise from `generators[i]`.
 
         HiFT is not causal, so rows are never padded: only rows of equal length run together. Each
         row draws exactly what a single `inference` call draws from its generator, in that order
-        (None: the global RNG, rows in order). `trim_fade` applies the start fade.
+        (None: the global RNG, rows in order). `sources[i]`, when given, supplies row i's
+        randomness instead: `.phase` (1, H, 1) and `.window(0, L)` -> noise (1, H, L) (the pipeline's
+        noise by sample position, shared with streaming). `trim_fade` applies the start fade.
         """
         if len(generators) != len(mels):
             raise ValueError(f"need one generator (or None) per mel, got {len(generators)} for {len(mels)}")
         hift, dtype = self.mel2wav, self.vocoder_dtype
         mels = [m.reshape(1, m.size(-2), m.size(-1)).to(device=self.device, dtype=dtype) for m in mels]
-        draws = [hift.draw_noise(m, g) if m.size(-1) else None for m, g in zip(mels, generators)]
+        if sources is not None:
+            if len(sources) != len(mels):
+                raise ValueError(f"need one noise source per mel, got {len(sources)} for {len(mels)}")
+            draws = [(src.phase, src.window(0, m.size(-1) * hift.upsample_scale)) if m.size(-1) else None
+                     for m, src in zip(mels, sources)]
+        else:
+            draws = [hift.draw_noise(m, g) if m.size(-1) else None for m, g in zip(mels, generators)]
         out: list[Optional[Tensor]] = [None] * len(mels)
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(mels):
