@@ -9,12 +9,17 @@ never leaves half a voice):
 
 On start every folder is reloaded; conditionals saved by another model kind (or unreadable) are
 rebuilt from the reference audio and rewritten atomically.
+
+Several servers may share one directory (Ray Serve replicas, on a shared filesystem across nodes):
+a voice another server saved is loaded on its first use here (and by `list`), one it deleted is
+dropped, and start-up only clears leftovers old enough not to be another server's upload in progress.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -28,6 +33,8 @@ import numpy as np
 logger = logging.getLogger("chatterbox.serve")
 
 BUILTIN_ID = "default"
+VOICE_ID = re.compile(r"voice_[0-9a-f]{16}")
+JUNK_AGE_S = 3600.0  # start-up removes leftovers older than this (younger: maybe another server's upload)
 
 
 @dataclass
@@ -120,12 +127,21 @@ class VoiceStore:
 
     # ---------------------------------------------------------------- reads (event loop)
     def get(self, voice_id: str) -> Optional[Voice]:
+        """The voice, also one another server sharing the directory saved since `load_all` (None if gone)."""
         if voice_id == BUILTIN_ID:
             return self._builtin if self.backend.has_builtin_voice else None
         with self._lock:
-            return self._voices.get(voice_id)
+            voice = self._voices.get(voice_id)
+        if voice is None:
+            return self._load_new(voice_id)
+        if not (self.root / voice_id).is_dir():  # deleted through another server
+            with self._lock:
+                self._voices.pop(voice_id, None)
+            return None
+        return voice
 
     def list(self) -> list[Voice]:
+        self._sync()
         with self._lock:
             custom = sorted(self._voices.values(), key=lambda v: (v.created_at, v.id))
         return ([self._builtin] if self.backend.has_builtin_voice else []) + custom
@@ -141,28 +157,21 @@ class VoiceStore:
     def load_all(self) -> int:
         """Reload every persisted voice (rebuilding conditionals made by another model kind); returns the count."""
         self.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
         for junk in list(self.root.glob(".tmp-*")) + list(self.root.glob(".trash-*")):
-            shutil.rmtree(junk, ignore_errors=True)
+            try:
+                old = now - junk.stat().st_mtime > JUNK_AGE_S
+            except OSError:  # removed meanwhile
+                continue
+            if old:
+                if junk.is_dir():
+                    shutil.rmtree(junk, ignore_errors=True)
+                else:
+                    junk.unlink(missing_ok=True)
         loaded = 0
         for d in sorted(self.root.glob("voice_*")):
-            try:
-                meta = json.loads((d / "meta.json").read_text())
-                conds = None
-                if meta.get("model_kind") == self.backend.kind and (d / "conds.pt").is_file():
-                    try:
-                        conds = self.backend.load_conditionals(d / "conds.pt")
-                    except (ValueError, OSError) as e:
-                        logger.warning("voice %s: conds.pt unreadable (%s); rebuilding from the reference", d.name, e)
-                if conds is None:
-                    conds = self.backend.make_conditionals(d / "reference.wav")
-                    self._save_conds(conds, d / "conds.pt")
-                    meta["model_kind"] = self.backend.kind
-                    tmp = d / "meta.json.tmp"
-                    _write_json(tmp, meta)
-                    os.replace(tmp, d / "meta.json")
-                voice = Voice(meta["id"], meta["name"], int(meta["created_at"]), conds)
-            except Exception as e:  # one broken folder must not stop the server
-                logger.error("skipping voice folder %s: %s: %s", d, type(e).__name__, e)
+            voice = self._load_folder(d)
+            if voice is None:
                 continue
             with self._lock:
                 self._voices[voice.id] = voice
@@ -170,6 +179,52 @@ class VoiceStore:
         if loaded:
             logger.info("loaded %d voice(s) from %s", loaded, self.root)
         return loaded
+
+    def _load_folder(self, d: Path) -> Optional[Voice]:
+        """One persisted voice (conditionals rebuilt when made by another model kind); None if unusable."""
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            conds = None
+            if meta.get("model_kind") == self.backend.kind and (d / "conds.pt").is_file():
+                try:
+                    conds = self.backend.load_conditionals(d / "conds.pt")
+                except (ValueError, OSError) as e:
+                    logger.warning("voice %s: conds.pt unreadable (%s); rebuilding from the reference", d.name, e)
+            if conds is None:
+                conds = self.backend.make_conditionals(d / "reference.wav")
+                self._save_conds(conds, d / "conds.pt")
+                meta["model_kind"] = self.backend.kind
+                tmp = d / "meta.json.tmp"
+                _write_json(tmp, meta)
+                os.replace(tmp, d / "meta.json")
+            return Voice(meta["id"], meta["name"], int(meta["created_at"]), conds)
+        except Exception as e:  # one broken folder must not stop the server
+            logger.error("skipping voice folder %s: %s: %s", d, type(e).__name__, e)
+            return None
+
+    def _load_new(self, voice_id: str) -> Optional[Voice]:
+        """A voice another server sharing the directory saved after our `load_all`; None if there is none."""
+        if not VOICE_ID.fullmatch(voice_id) or not (self.root / voice_id / "meta.json").is_file():
+            return None
+        voice = self._load_folder(self.root / voice_id)
+        if voice is None:
+            return None
+        with self._lock:
+            return self._voices.setdefault(voice.id, voice)
+
+    def _sync(self) -> None:
+        """Pick up voices other servers sharing the directory added, drop those they deleted."""
+        try:
+            on_disk = {d.name for d in self.root.glob("voice_*") if d.is_dir()}
+        except OSError:
+            return
+        with self._lock:
+            gone = set(self._voices) - on_disk
+            for vid in gone:
+                del self._voices[vid]
+            new = on_disk - set(self._voices)
+        for vid in sorted(new):
+            self._load_new(vid)
 
     def add(self, name: str, upload: Path, *, consent: Optional[str] = None) -> Voice:
         """Validate and prepare `upload`, persist it atomically, cache it; ValueError for unusable audio."""
