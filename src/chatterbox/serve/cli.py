@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default speech tokens per sentence when a request gives none (25 per second)")
     ap.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ray = ap.add_argument_group("Ray Serve (needs the 'ray' extra: pip install 'chatterbox-fast[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve on a local Ray Serve instance: --replicas engines "
+                     "behind one endpoint (chatterbox.serve.ray_app; clusters: serve run chatterbox_serve.yaml)")
+    ray.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, one engine each (default 1)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="with --ray: autoscale between --replicas and this on ongoing requests per replica")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0,
+                     help="with --ray on a CPU: cores (and torch threads) per replica (default 1)")
     return ap
 
 
@@ -96,6 +104,13 @@ def make_loader(a: argparse.Namespace, config) -> "callable":
 def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.ray:
+        try:
+            from .ray_app import run_local
+        except ImportError as e:
+            print(f"chatterbox serve: {e}", file=sys.stderr)
+            return 2
+        return run_local(a)
     try:
         from . import ServeConfig, create_app
     except ImportError as e:
