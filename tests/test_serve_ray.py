@@ -57,6 +57,41 @@ def test_route_model_and_specs():
         build_app({"models": [{"kind": "nano"}, {"kind": "turbo"}], "default_model": "original"})
 
 
+def test_health_check_reports_load_failure_readiness_and_a_stuck_engine():
+    import threading as th
+    from types import SimpleNamespace as NS
+
+    stats = {"queue_depth": 0, "active": 0, "tokens_generated": 0, "requests_done": 0}
+    st = NS(load_error=None, draining=False, ready=th.Event(), backend=NS(stats=lambda: dict(stats)))
+    r = ray_app._Replica()
+    r.spec, r.asgi, r._progress = ModelSpec(stall_timeout=0.2), NS(state=st), (-1, -1, time.monotonic())
+    with pytest.raises(RuntimeError, match="not ready"):
+        r.check_health()
+    st.ready.set()
+    r.check_health()
+    stats.update(active=2)
+    r.check_health()  # work arrived: the clock starts
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError, match="decoded nothing"):
+        r.check_health()
+    stats.update(tokens_generated=5)
+    r.check_health()  # progress again
+    st.draining = True
+    time.sleep(0.3)
+    r.check_health()  # stopping replicas are not reported
+    st.load_error = "OSError: no weights"
+    with pytest.raises(RuntimeError, match="failed to load"):
+        r.check_health()
+
+
+def test_cli_ray_options_are_checked_before_ray_starts(capsys):
+    from chatterbox.serve.cli import main
+
+    assert main(["--ray", "--replicas", "0"]) == 2
+    assert main(["--ray", "--replicas", "2", "--max-replicas", "1"]) == 2
+    assert "--max-replicas >= --replicas" in capsys.readouterr().err and not ray.is_initialized()
+
+
 def test_serve_config_file_is_valid():
     """chatterbox_serve.yaml passes Ray's schema and its `deployments:` names exist in the app it builds."""
     from ray.serve.schema import ServeDeploySchema
@@ -221,6 +256,11 @@ def test_16_concurrent_requests_use_both_replicas(two, refs):
     assert min(replicas.count(r) for r in set(replicas)) >= 3, replicas
     for i, (_, audio) in enumerate(out):
         assert np.array_equal(audio, refs[i % 2]), i
+    handle = serve.get_deployment_handle("chatterbox-nano", app_name="tts")
+    infos = {i["replica"]: i for i in (handle.info.remote().result(timeout_s=60) for _ in range(8))}
+    assert set(infos) <= set(replicas)
+    for info in infos.values():  # one core each: one torch thread, all requests finished
+        assert info["torch_threads"] == 1 and info["ready"] and info["engine"]["active"] == 0, info
 
 
 def test_voice_uploaded_through_one_replica_speaks_through_the_other(two, tmp_path):

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -122,7 +123,8 @@ def load_model(spec: ModelSpec, config: ServeConfig):
     """Load the replica's model as `spec` says (sets torch's thread count first); returns the model."""
     import torch
 
-    threads = spec.torch_threads or int(_assigned("CPU"))
+    cpus = _assigned("CPU")
+    threads = spec.torch_threads or (max(1, int(cpus)) if cpus > 0 else 0)
     if threads > 0:
         torch.set_num_threads(threads)  # the replica's own cores: replicas on one node do not fight over threads
     t0 = time.perf_counter()
@@ -287,6 +289,14 @@ class _Replica:
         elif self.spec.stall_timeout and now - self._progress[2] > self.spec.stall_timeout:
             raise RuntimeError(f"the engine holds {work} request(s) but decoded nothing for "
                                f"{now - self._progress[2]:.0f} s")
+
+    def info(self) -> dict:
+        """This replica at a glance (a handle call): id, model, torch threads, readiness, engine counters."""
+        import torch
+
+        st = self.asgi.state
+        return {"replica": self.replica_id, "model": self.config.model_id, "torch_threads": torch.get_num_threads(),
+                "ready": st.ready.is_set(), "draining": st.draining, "engine": st.backend.stats() if st.backend else {}}
 
     def _close_model(self) -> None:
         # After Ray's drain and the app's shutdown (which closes the model already); idempotent.
@@ -518,13 +528,14 @@ def build_router_app(router: ChatterboxRouter):
 
 
 # ------------------------------------------------------------------------------------ building apps
-def default_deployment_options(spec: ModelSpec, replicas: int = 1, max_replicas: Optional[int] = None) -> dict:
+def default_deployment_options(spec: ModelSpec, replicas: int = 1, max_replicas: Optional[int] = None,
+                               gpu: Optional[bool] = None) -> dict:
     """Ray options for a kind's deployment: `replicas` (autoscaling up to `max_replicas` when larger), one GPU
-    per replica when the spec asks for CUDA, else one CPU; in-flight cap = decode slots + queue (+ headroom)."""
+    per replica when `gpu` (default: the spec asks for CUDA), else one CPU; in-flight cap = decode slots + queue
+    (+ headroom for voices/models/health), autoscaling target = the decode slots."""
     slots = spec.max_batch or 4
-    opts: dict = {"name": deployment_name(spec.kind),
-                  "max_ongoing_requests": slots + spec.max_queue + 8}
-    gpu = (spec.device or "").startswith("cuda")
+    opts: dict = {"name": deployment_name(spec.kind), "max_ongoing_requests": slots + spec.max_queue + 8}
+    gpu = (spec.device or "").startswith("cuda") if gpu is None else gpu
     opts["ray_actor_options"] = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
     if max_replicas and max_replicas > replicas:
         opts["autoscaling_config"] = {"min_replicas": replicas, "initial_replicas": replicas,
@@ -577,15 +588,6 @@ def build_app(args: Optional[dict] = None):
 
 
 # ------------------------------------------------------------------------------------ local start
-def add_ray_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options `chatterbox serve --ray` adds to the server's own."""
-    ap.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one engine each) (default 1)")
-    ap.add_argument("--max-replicas", type=int, default=None,
-                    help="with --ray: autoscale between --replicas and this on ongoing requests per replica")
-    ap.add_argument("--cpus-per-replica", type=float, default=1.0,
-                    help="with --ray on a CPU: cores (and torch threads) per replica (default 1)")
-
-
 def spec_from_cli(a: argparse.Namespace) -> ModelSpec:
     """A ModelSpec from `chatterbox serve` options."""
     return ModelSpec(kind=a.model, ckpt_dir=a.ckpt_dir, demo_weights=a.demo_weights, device=a.device,
@@ -595,12 +597,13 @@ def spec_from_cli(a: argparse.Namespace) -> ModelSpec:
 
 
 def run_local(a: argparse.Namespace) -> int:
-    """`chatterbox serve --ray`: start a local Ray instance (no dashboard), serve until SIGINT/SIGTERM, then
-    shut down gracefully (Ray drains each replica, the app closes its model)."""
+    """`chatterbox serve --ray`: start a local Ray instance (no dashboard; or join RAY_ADDRESS), serve until
+    SIGINT/SIGTERM, then shut down gracefully (Ray drains each replica, the app closes its model)."""
     import ray
+    import torch
 
     if a.replicas < 1 or (a.max_replicas is not None and a.max_replicas < a.replicas):
-        logger.error("--replicas must be >= 1 and --max-replicas >= --replicas")
+        print("chatterbox serve: --replicas must be >= 1 and --max-replicas >= --replicas", file=sys.stderr)
         return 2
     spec = spec_from_cli(a)
     if not a.ckpt_dir and a.demo_weights:  # write the demo checkpoint once, before the replicas start
@@ -609,44 +612,41 @@ def run_local(a: argparse.Namespace) -> int:
         spec.ckpt_dir = str(det_checkpoint({"original": "english"}.get(a.model, a.model)))
         spec.demo_weights = False
         logger.warning("NOT SPEECH: serving deterministic demo weights from %s", spec.ckpt_dir)
-    opts = default_deployment_options(spec, a.replicas, a.max_replicas)
-    if not (spec.device or "").startswith("cuda"):
+    gpu = (spec.device or "").startswith("cuda") or (spec.device is None and torch.cuda.is_available())
+    opts = default_deployment_options(spec, a.replicas, a.max_replicas, gpu=gpu)
+    if not gpu:
         opts["ray_actor_options"] = {"num_cpus": a.cpus_per_replica}
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=True, logging_level=a.log_level.upper())
+        ray.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.run(ChatterboxDeployment.options(**opts).bind(asdict(spec)), name="chatterbox", route_prefix="/")
-        logger.info("serving chatterbox-%s with %d replica(s) on http://%s:%d (Ray Serve)", a.model, a.replicas,
-                    a.host, a.port)
+        logger.info("serving chatterbox-%s on http://%s:%d with %s replica(s) on Ray Serve (%s each)", a.model,
+                    a.host, a.port, a.replicas if not a.max_replicas else f"{a.replicas}-{a.max_replicas}",
+                    "1 GPU" if gpu else f"{a.cpus_per_replica:g} CPU")
         while not stop.wait(1.0):
             pass
     finally:
-        logger.info("shutting down: draining replicas")
-        serve.shutdown()
-        ray.shutdown()
+        logger.info("shutting down: Ray drains the replicas, then each closes its model")
+        try:
+            serve.delete("chatterbox")  # first, while the proxy still carries the in-flight responses
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m chatterbox.serve.ray_app [chatterbox serve options] --replicas N` (what `--ray` runs)."""
+    """`python -m chatterbox.serve.ray_app [chatterbox serve options]`: the same as `chatterbox serve --ray`."""
     from .cli import build_parser
 
-    ap = build_parser()
-    ap.prog = "python -m chatterbox.serve.ray_app"
-    try:
-        add_ray_arguments(ap)
-    except argparse.ArgumentError:  # the server's parser has them already (chatterbox serve --ray)
-        pass
-    a = ap.parse_args([x for x in (argv or []) if x != "--ray"] if argv is not None else None)
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_local(a)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
