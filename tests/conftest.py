@@ -66,3 +66,23 @@ def checkpoint_dir(tmp_path_factory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """kind -> a shared `chatterbox.testing.tiny_model` (2-layer T3, full-size S3Gen with 2 flow steps).
+
+    For tests of the pipeline's logic that do not change the model (compile tests build their own).
+    """
+    from chatterbox.testing import tiny_model
+
+    made: dict = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"), cfm_steps=2)
+        return made[kind]
+
+    yield get
+    for m in made.values():
+        m.close()

@@ -22,17 +22,8 @@ TEXTS = ["Hello there.", "A much longer sentence with many more words than the f
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = tiny_model(kind, tmp_path_factory.mktemp(kind), cfm_steps=2)
-        return made[kind]
-
-    yield get
-    for m in made.values():
-        m.close()
+def models(tiny_models):
+    return tiny_models  # shared across the test session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,9 @@ def test_compiled_equals_eager_and_no_recompile_in_warm_buckets(tmp_path):
     torch._dynamo.reset()
     counters.clear()
     p = tts.conds.gen["prompt_token"].shape[-1]
-    # T3 with inductor (tiny); S3Gen traced by dynamo only ("eager" backend) to keep CPU compile time small
-    compile_model(tts, buckets=(p + 16, p + 48), backend="inductor", s3gen=True, s3gen_backend="eager",
+    # dynamo traces T3 and S3Gen ("eager" backend: the graphs, guards and buckets without CPU codegen time;
+    # inductor equality is checked in test_t3 / test_s3gen_flow / test_hift)
+    compile_model(tts, buckets=(p + 16, p + 48), backend="eager", s3gen=True, s3gen_backend="eager",
                   max_batch=1, max_text_tokens=64, max_new_tokens=48)
     tts.warmup(texts=["Warm up."], max_new_tokens=24, hift_frames=(4, 8, 16, 32, 64, 128))
     compiled = [tts.generate(t, seed=i, max_new_tokens=10 + 12 * i) for i, t in enumerate(texts)]

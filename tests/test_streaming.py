@@ -19,17 +19,8 @@ TEXT = "Streaming speech starts while the rest of the sentence is still being de
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = tiny_model(kind, tmp_path_factory.mktemp(kind), cfm_steps=2)
-        return made[kind]
-
-    yield get
-    for m in made.values():
-        m.close()
+def models(tiny_models):
+    return tiny_models  # shared across the test session (conftest)
 
 
 def gen(model, kind, text=TEXT, **kw):

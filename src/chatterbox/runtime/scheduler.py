@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from typing import AsyncIterator, Callable, Iterator, Optional
 
@@ -235,7 +236,8 @@ class Scheduler:
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            # the thread holds the scheduler only weakly while idle: a dropped model is freed, its thread ends
+            self._thread = threading.Thread(target=_worker, args=(weakref.ref(self),), name=self.name, daemon=True)
             self._thread.start()
 
     def warm_steps(self, timeout: Optional[float] = None) -> int:
@@ -262,17 +264,20 @@ class Scheduler:
             raise box["error"]
         return box.get("value")
 
-    def _take_work(self) -> tuple[list[RequestHandle], list[RequestHandle], list]:
-        """Under the lock: wait for something to do; return (to admit, to cancel, calls)."""
+    def _take_work(self, timeout: float) -> Optional[tuple[list[RequestHandle], list[RequestHandle], list]]:
+        """Under the lock: wait (up to `timeout`) for something to do; return (to admit, to cancel, calls),
+        None when there was nothing, ([], [], [None]) when closing."""
         with self._cv:
-            while True:
-                dec = self.decoder
-                busy = dec is not None and not dec.idle()
-                if self._waiting or self._cancels or self._calls or busy:
-                    break
+            dec = self.decoder
+            busy = dec is not None and not dec.idle()
+            if not (self._waiting or self._cancels or self._calls or busy):
                 if self._closing:
                     return [], [], [None]
-                self._cv.wait()
+                self._cv.wait(timeout)
+                dec = self.decoder
+                busy = dec is not None and not dec.idle()
+                if not (self._waiting or self._cancels or self._calls or busy):
+                    return ([], [], [None]) if self._closing else None
             cancels, self._cancels = self._cancels, []
             calls, self._calls = self._calls, []
             for h in cancels:
@@ -303,37 +308,50 @@ class Scheduler:
     def _need(h: RequestHandle) -> int:
         return h.request.prompt_len + h.request.max_new_tokens
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            admit, cancels, calls = self._take_work()
-            if calls == [None]:
-                return
-            for fn, box, done in calls:
-                try:
-                    box["value"] = fn()
-                except BaseException as e:  # handed back to the caller
-                    box["error"] = e
-                done.set()
-            dec = self.decoder
-            if dec is None:
-                continue
-            for h in cancels:
-                if dec.cancel(h):
-                    h.fail(RequestCancelled("request cancelled"))
-            for h in admit:
-                try:
-                    dec.admit(h.request, h)
-                except BaseException as e:  # a bad request fails alone
-                    logger.exception("T3 prefill failed")
-                    h.fail(e)
-            if dec.idle():
-                continue
+    def _work_once(self) -> bool:
+        """One round of the worker: admit, cancel, run queued calls, one decode step. False: shut down."""
+        work = self._take_work(timeout=1.0)
+        if work is None:
+            return True
+        admit, cancels, calls = work
+        if calls == [None]:
+            return False
+        for fn, box, done in calls:
             try:
-                dec.step()
-                self.steps += 1
-                if dec.active == 0:
-                    dec.drain()
-            except BaseException as e:
-                logger.exception("T3 decode step failed; failing the active requests")
-                dec.fail_all(e)
+                box["value"] = fn()
+            except BaseException as e:  # handed back to the caller
+                box["error"] = e
+            done.set()
+        dec = self.decoder
+        if dec is None:
+            return True
+        for h in cancels:
+            if dec.cancel(h):
+                h.fail(RequestCancelled("request cancelled"))
+        for h in admit:
+            try:
+                dec.admit(h.request, h)
+            except BaseException as e:  # a bad request fails alone
+                logger.exception("T3 prefill failed")
+                h.fail(e)
+        if dec.idle():
+            return True
+        try:
+            dec.step()
+            self.steps += 1
+            if dec.active == 0:
+                dec.drain()
+        except BaseException as e:
+            logger.exception("T3 decode step failed; failing the active requests")
+            dec.fail_all(e)
+        return True
+
+
+def _worker(ref: "weakref.ReferenceType[Scheduler]") -> None:
+    """The scheduler's thread: rounds of work while the scheduler exists and is not closed."""
+    torch.set_grad_enabled(False)
+    while True:
+        sched = ref()
+        if sched is None or not sched._work_once():
+            return
+        del sched
