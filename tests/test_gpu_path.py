@@ -87,6 +87,36 @@ def test_t3_tokens_under_emulated_graphs_with_batched_rows(tmp_path, monkeypatch
     assert em.calls > 20
 
 
+@pytest.mark.parametrize("kind", ["english", "nano"])
+def test_padded_batched_prefill_equals_prefill_alone(kind):
+    """Requests of different prompt lengths admitted together share one (padded, masked) prefill call
+    and decode exactly the tokens each gives alone."""
+    t3 = tiny_t3(kind)
+    texts = [torch.tensor([[255, 11, 12, 0]]), torch.tensor([[255] + list(range(20, 37)) + [0]]),
+             torch.tensor([[255, 40, 41, 42, 43, 44, 0]])]
+    conds = [tiny_cond(0), tiny_cond(1), tiny_cond(2)]
+
+    def reqs():
+        out = []
+        for i, (text, c) in enumerate(zip(texts, conds)):
+            g = torch.Generator().manual_seed(10 + i)
+            if kind == "english":
+                out.append(dec_mod.llama_request(t3, c, text, dec_mod.SamplingParams(cfg_weight=0.5 * (i != 1)), 9, g))
+            else:
+                out.append(dec_mod.gpt_request(t3, c, text, dec_mod.SamplingParams(top_k=50), 9, g))
+        return out
+
+    alone = [dec_mod.decode_all(dec_mod.T3Decoder(t3, slots=2, max_len=256), [r])[0].tokens for r in reqs()]
+    dec = dec_mod.T3Decoder(t3, slots=8, max_len=256)
+    calls = []
+    inner = dec.backbone.prefill
+    dec.backbone.prefill = lambda x, rows, cache, lengths=None: calls.append(x.shape) or inner(x, rows, cache, lengths)
+    together = dec_mod.decode_all(dec, reqs())
+    assert len(calls) == 1 and calls[0][0] == (5 if kind == "english" else 3)  # one call, every row (CFG: 2 rows)
+    assert len({r.prompt_len for r in reqs()}) == 3  # really padded
+    assert [t.tokens for t in together] == alone and min(len(a) for a in alone) >= 1
+
+
 def tiny_cond(seed=0):
     from chatterbox.models.t3 import T3Cond
 

@@ -328,12 +328,20 @@ class Scheduler:
         for h in cancels:
             if dec.cancel(h):
                 h.fail(RequestCancelled("request cancelled"))
-        for h in admit:
+        good = []
+        for h in admit:  # a request the decoder refuses fails alone
             try:
-                dec.admit(h.request, h)
-            except BaseException as e:  # a bad request fails alone
-                logger.exception("T3 prefill failed")
+                dec.check(h.request)
+                good.append(h)
+            except BaseException as e:
                 h.fail(e)
+        if good:
+            try:
+                dec.admit_many([(h.request, h) for h in good])  # one prefill call for every newcomer
+            except BaseException as e:
+                logger.exception("T3 prefill failed")
+                for h in good:
+                    h.fail(e)
         if dec.idle():
             return True
         try:

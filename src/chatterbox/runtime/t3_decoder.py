@@ -92,8 +92,15 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, p
 
 # ------------------------------------------------------------------------------------ backbones
 class Backbone(Protocol):
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache) -> Tensor: ...
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor: ...
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor: ...
+
+
+def _last(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Each row's hidden state at its last real position: (R, L, D) -> (R, D)."""
+    if lengths is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -129,8 +136,13 @@ class LlamaBackbone:
         v = attn.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache) -> Tensor:
-        """x (R, L, D) at positions 0..L-1 into cache rows `rows` (R,) -> last hidden state (R, D)."""
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor:
+        """x (R, L, D) at positions 0..L-1 into cache rows `rows` (R,) -> last hidden state (R, D).
+
+        `lengths` (R,): rows padded at the end (several requests prefilled together); padded keys are
+        never attended: real queries see only earlier keys (causal), each row's decode steps mask keys past
+        its own position and overwrite the padded cache entries as they go.
+        """
         r, length, _ = x.shape
         pos = torch.arange(length, device=x.device)[None].expand(r, -1)
         cos, sin = self._cos_sin(pos, x.dtype)
@@ -145,7 +157,7 @@ class LlamaBackbone:
                                                enable_gqa=self.n_heads != self.n_kv)
             x = x + layer.self_attn.o_proj(a.transpose(1, 2).reshape(r, length, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x[:, -1])
+        return self.norm(_last(x, lengths))
 
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor:
         """x (n, 1, D) at per-row positions `pos` (n,) -> hidden state (n, D)."""
@@ -181,7 +193,8 @@ class GPT2Backbone:
         shape = (b, t, self.n_heads, self.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache) -> Tensor:
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor:
+        """As `LlamaBackbone.prefill`, with GPT-2's learned positions."""
         r, length, _ = x.shape
         x = x + self.wpe(torch.arange(length, device=x.device))[None]
         for i, block in enumerate(self.blocks):
@@ -192,7 +205,7 @@ class GPT2Backbone:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             x = x + block.attn.c_proj(a.transpose(1, 2).reshape(r, length, -1))
             x = x + block.mlp(block.ln_2(x))
-        return self.ln_f(x[:, -1])
+        return self.ln_f(_last(x, lengths))
 
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor:
         x = x + self.wpe(pos)[:, None]
@@ -422,21 +435,64 @@ class T3Decoder:
         else:
             sampling.fill_gumbel_(view, row.req.generator)
 
-    @torch.inference_mode()
     def admit(self, req: DecodeRequest, sink: TokenSink) -> None:
         """Prefill `req` into free slots and sample its first token (eager; variable length)."""
-        self.check(req)
-        if not self.can_admit(req):
-            raise RuntimeError("no free slot (check can_admit first)")
-        slots = [self._free.pop(0) for _ in range(req.rows)]
+        self.admit_many([(req, sink)])
+
+    @torch.inference_mode()
+    def admit_many(self, items: list[tuple[DecodeRequest, TokenSink]]) -> None:
+        """Prefill several requests in one backbone call (rows padded at the end to the longest),
+        then sample each one's first token; every request gets its own free slots."""
+        if not items:
+            return
+        for req, _ in items:
+            self.check(req)
+        if sum(req.rows for req, _ in items) > len(self._free):
+            raise RuntimeError("not enough free slots (check can_admit first)")
+        rows_all: list[_Row] = []
+        free_before = list(self._free)
+        try:
+            self._prefill(items, rows_all)
+        except BaseException:
+            for row in rows_all:  # give back the slots of requests that never started
+                if row in self._rows:
+                    self._rows.remove(row)
+                for s in row.slots:
+                    self._by_slot.pop(s, None)
+            self._free = free_before
+            raise
+
+    def _prefill(self, items: list[tuple[DecodeRequest, TokenSink]], rows_all: list["_Row"]) -> None:
         dev = self.device
+        for req, sink in items:
+            slots = [self._free.pop(0) for _ in range(req.rows)]
+            row = _Row(req=req, sink=sink, slots=slots, g0=self.g,
+                       first_host=torch.zeros(1, dtype=torch.long, pin_memory=self.cuda))
+            self._fill_noise(row, 0)
+            self._fill_noise(row, 1)
+            rows_all.append(row)
+        length = max(req.prompt_len for req, _ in items)
+        x = torch.zeros(sum(req.rows for req, _ in items), length, self.t3.dim, device=dev, dtype=self.dtype)
+        lengths, slot_ids, k = [], [], 0
+        for row in rows_all:
+            r, n = row.req.rows, row.req.prompt_len
+            x[k:k + r, :n] = row.req.prefill.to(self.dtype)
+            lengths += [n] * r
+            slot_ids += row.slots
+            k += r
+        slots_t = torch.tensor(slot_ids, device=dev)
+        lengths_t = None if min(lengths) == length else torch.tensor(lengths, device=dev)
+        hidden = self.backbone.prefill(x, slots_t, self.cache, lengths_t)
+        logits = self.t3.speech_head(hidden)  # (rows, V)
+        k = 0
+        for row in rows_all:
+            self._start(row, logits[k:k + row.req.rows])
+            k += row.req.rows
+
+    def _start(self, row: _Row, logits: Tensor) -> None:
+        """Sample a prefilled request's first token from its logits (R, V) and set up its rows' state."""
+        req, slots, dev = row.req, row.slots, self.device
         rows_t = torch.tensor(slots, device=dev)
-        row = _Row(req=req, sink=sink, slots=slots, g0=self.g,
-                   first_host=torch.zeros(1, dtype=torch.long, pin_memory=self.cuda))
-        self._fill_noise(row, 0)
-        self._fill_noise(row, 1)
-        hidden = self.backbone.prefill(req.prefill.to(self.dtype), rows_t, self.cache)
-        logits = self.t3.speech_head(hidden)  # (R, V)
         R = req.rows
         seen0 = torch.zeros(R, self.vocab, dtype=torch.bool, device=dev)
         if req.seen_first:
@@ -447,7 +503,6 @@ class T3Decoder:
         fed = nxt[torch.zeros(R, dtype=torch.long, device=dev)]  # both CFG rows feed the conditional sample
         seen = torch.zeros_like(seen0) if req.reset_seen_after_first else seen0
         seen = seen.scatter(1, fed[:, None], True)
-        # per-row state
         self.tokens[rows_t] = fed
         self.gen[rows_t] = 0
         self.base[rows_t] = req.prompt_len
@@ -647,9 +702,11 @@ def decode_all(decoder: T3Decoder, requests: list[DecodeRequest]) -> list[Collec
     for req, _ in queue:
         decoder.check(req)
     while queue or not decoder.idle():
-        while queue and decoder.can_admit(queue[0][0]):
-            req, sink = queue.pop(0)
-            decoder.admit(req, sink)
+        batch, free = [], decoder.free_slots
+        while queue and queue[0][0].rows <= free:
+            free -= queue[0][0].rows
+            batch.append(queue.pop(0))
+        decoder.admit_many(batch)
         decoder.step()
         if decoder.active == 0 and not queue:
             decoder.drain()

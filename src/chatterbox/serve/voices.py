@@ -3,7 +3,7 @@
 Layout (one folder per voice, created by writing a temporary folder and renaming it, so a crash
 never leaves half a voice):
 
-    <voices_dir>/voice_<hex>/meta.json      {id, name, created_at, model_kind, ...}
+    <voices_dir>/voice_<hex>/meta.json      {id, name, created_at, created_ns, model_kind, ...}
     <voices_dir>/voice_<hex>/reference.wav  the upload decoded to float32 WAV (what the model was given)
     <voices_dir>/voice_<hex>/conds.pt       Conditionals.save of the prepared voice
 
@@ -44,6 +44,7 @@ class Voice:
     created_at: int
     conds: Any = None  # Conditionals; None for the checkpoint's built-in voice
     builtin: bool = False
+    created_ns: int = 0  # creation order across servers sharing the folder (created_at is whole seconds)
 
     def public(self) -> dict:
         return {"id": self.id, "name": self.name, "created_at": self.created_at, "object": "audio.voice",
@@ -143,7 +144,7 @@ class VoiceStore:
     def list(self) -> list[Voice]:
         self._sync()
         with self._lock:
-            custom = sorted(self._voices.values(), key=lambda v: (v.created_at, v.id))
+            custom = sorted(self._voices.values(), key=lambda v: (v.created_ns or v.created_at * 10**9, v.id))
         return ([self._builtin] if self.backend.has_builtin_voice else []) + custom
 
     # ---------------------------------------------------------------- blocking (worker threads)
@@ -197,7 +198,8 @@ class VoiceStore:
                 tmp = d / "meta.json.tmp"
                 _write_json(tmp, meta)
                 os.replace(tmp, d / "meta.json")
-            return Voice(meta["id"], meta["name"], int(meta["created_at"]), conds)
+            return Voice(meta["id"], meta["name"], int(meta["created_at"]), conds,
+                         created_ns=int(meta.get("created_ns", 0)))
         except Exception as e:  # one broken folder must not stop the server
             logger.error("skipping voice folder %s: %s: %s", d, type(e).__name__, e)
             return None
@@ -235,9 +237,10 @@ class VoiceStore:
         try:
             decode_upload(upload, tmp / "reference.wav", self.max_seconds)
             conds = self.backend.make_conditionals(tmp / "reference.wav")
-            created = int(time.time())
+            created_ns = time.time_ns()
+            created = created_ns // 10**9
             self._save_conds(conds, tmp / "conds.pt")
-            meta = {"id": vid, "name": name, "created_at": created, "object": "audio.voice",
+            meta = {"id": vid, "name": name, "created_at": created, "created_ns": created_ns, "object": "audio.voice",
                     "model_kind": self.backend.kind, "reference": "reference.wav", "conds": "conds.pt"}
             if consent:
                 meta["consent"] = consent
@@ -248,7 +251,7 @@ class VoiceStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        voice = Voice(vid, name, created, conds)
+        voice = Voice(vid, name, created, conds, created_ns=created_ns)
         with self._lock:
             self._voices[vid] = voice
         return voice
