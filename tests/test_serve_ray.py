@@ -49,6 +49,12 @@ def test_route_model_and_specs():
         ModelSpec(kind="large")
     with pytest.raises(ValueError, match="unknown model option"):
         ModelSpec.from_dict({"kind": "nano", "replicas": 2})
+    spec = ModelSpec.from_dict({"kind": "turbo", "demo_weights": "true", "max_queue": "8", "max_batch": "null",
+                                "request_timeout": "30", "factory_kwargs": '{"a": 1}'})  # serve run ... k=v
+    assert (spec.demo_weights, spec.max_queue, spec.max_batch, spec.request_timeout) == (True, 8, None, 30.0)
+    assert spec.factory_kwargs == {"a": 1}
+    with pytest.raises(ValueError, match="max_queue='many'"):
+        ModelSpec.from_dict({"max_queue": "many"})
     with pytest.raises(ValueError, match="package.module:function"):
         ModelSpec(factory="no_colon")
     with pytest.raises(ValueError, match="once"):
@@ -208,6 +214,25 @@ def pcm(data: bytes) -> np.ndarray:
     return np.frombuffer(data, "<i2")
 
 
+def _idle_after_disconnect(url, deployment: str, app: str, model: str) -> None:
+    """Open a stream of many sentences, take its first audio, hang up: the replica stops decoding it at once
+    (run to its end it would decode for minutes)."""
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    body = dict(model=model, voice="default", input="Hang up on me now. " * 20, response_format="pcm",
+                stream_format="audio", max_new_tokens=200)
+    with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        replica = r.headers[REPLICA_HEADER]
+        assert next(r.iter_bytes())
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        info = handle.info.remote().result(timeout_s=30)
+        if info["replica"] == replica and info["engine"]["active"] == 0 and info["engine"]["queue_depth"] == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"replica {replica} still decoding after the client went away")
+
+
 def speak(url, i: int, **kw):
     """(status, replica, samples) of TEXTS[i % 2] with seed i % 2, as a whole file."""
     body = dict(model="nano", voice="default", input=TEXTS[i % 2], response_format="pcm", seed=i % 2, **kw)
@@ -227,18 +252,24 @@ def test_openai_client_through_the_proxy_gets_the_library_samples(two, refs):
 
 def test_streaming_audio_and_sse_through_the_proxy(two):
     body = dict(model="nano", voice="default", input="Streaming through the proxy, piece by piece.",
-                response_format="pcm", seed=5, max_new_tokens=36)
-    parts = []
+                response_format="pcm", seed=5, max_new_tokens=45)
+    t0 = time.perf_counter()
+    arrivals, parts = [], []
     with httpx.stream("POST", two + "/v1/audio/speech", json=dict(body, stream_format="audio"), timeout=300) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
-        parts = [b for b in r.iter_bytes()]
+        for b in r.iter_bytes():
+            arrivals.append(time.perf_counter() - t0)
+            parts.append(b)
+    total = time.perf_counter() - t0
     audio = pcm(b"".join(parts))
     assert len(audio) > SR // 2
+    assert arrivals[0] < 0.8 * total, (arrivals[0], total)  # streamed through the proxy, not buffered
     r = httpx.post(two + "/v1/audio/speech", json=dict(body, stream_format="sse"), timeout=300)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done" and {e["type"] for e in events[:-1]} == {"speech.audio.delta"}
     assert np.array_equal(pcm(b"".join(base64.b64decode(e["audio"]) for e in events[:-1])), audio)
+    _idle_after_disconnect(two, "chatterbox-nano", "tts", "nano")  # Ray's proxy passes the disconnect on
 
 
 def test_16_concurrent_requests_use_both_replicas(two, refs):
@@ -388,6 +419,7 @@ def test_two_kinds_routed_by_model_and_drained_on_delete(cluster, ckpt, refs, tm
     assert r.headers[MODEL_HEADER] == "chatterbox-turbo" and events[-1]["type"] == "speech.audio.done"
     assert sum(len(base64.b64decode(e["audio"])) for e in events[:-1]) > SR // 2
 
+    _idle_after_disconnect(url, "chatterbox-turbo", "multi", "turbo")  # and the router passes it on
     got = {}
 
     def slow():  # in flight while the application is deleted: Ray drains it, then the app closes the model

@@ -69,6 +69,7 @@ class ModelSpec:
     compile: bool = False
     watermark: bool = True
     torch_threads: Optional[int] = None  # None: the CPUs Ray gave the replica (ray_actor_options.num_cpus)
+    pin_cpus: bool = False  # pin the replica's process to its own cores (by its rank on the node; CPU serving)
     voices_dir: Optional[str] = None  # shared by every replica of this kind; None: ~/.cache/chatterbox-fast/voices
     max_batch: Optional[int] = None
     max_queue: int = 32
@@ -85,16 +86,37 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """From a serve config's args; strings (`serve run ... kind=nano max_queue=8`) become the fields' types."""
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(d) - set(types))
         if unknown:
-            raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(types)}")
+        return cls(**{k: _from_text(k, v, types[k]) if isinstance(v, str) else v for k, v in d.items()})
 
     def serve_config(self) -> ServeConfig:
         return ServeConfig(model_kind=self.kind, voices_dir=Path(self.voices_dir) if self.voices_dir else None,
                            max_batch=self.max_batch, max_queue=self.max_queue, request_timeout=self.request_timeout,
                            default_max_new_tokens=self.default_max_new_tokens)
+
+
+def _from_text(name: str, text: str, type_name: str):
+    """A command-line value for a field annotated `type_name` ("bool", "Optional[int]", ...)."""
+    if "Optional" in type_name and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if "bool" in type_name:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if "int" in type_name:
+            return int(text)
+        if "float" in type_name:
+            return float(text)
+        if "dict" in type_name:
+            return dict(json.loads(text))
+    except (ValueError, TypeError):
+        raise ValueError(f"{name}={text!r} is not a valid {type_name}") from None
+    return text
 
 
 def deployment_name(kind: str) -> str:
@@ -119,12 +141,29 @@ def _assigned(resource: str) -> float:
         return 0.0
 
 
-def load_model(spec: ModelSpec, config: ServeConfig):
-    """Load the replica's model as `spec` says (sets torch's thread count first); returns the model."""
+def pin_to_own_cores(n: int, local_rank: int) -> list[int]:
+    """Restrict this process to `n` cores, the `local_rank`-th group of the cores it may use; returns them.
+
+    Threads alone do not bound a replica: its request threads and scheduler thread run torch ops side
+    by side, so without pinning one replica spreads over every core and a second adds little.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    n = max(1, min(n, len(cores)))
+    start = (local_rank * n) % len(cores)
+    mine = [cores[(start + i) % len(cores)] for i in range(n)]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
+def load_model(spec: ModelSpec, config: ServeConfig, local_rank: int = 0):
+    """Load the replica's model as `spec` says (pins cores and sets torch's thread count first); returns it."""
     import torch
 
     cpus = _assigned("CPU")
     threads = spec.torch_threads or (max(1, int(cpus)) if cpus > 0 else 0)
+    if spec.pin_cpus and hasattr(os, "sched_setaffinity"):
+        mine = pin_to_own_cores(threads or 1, local_rank)
+        logger.info("replica pinned to core(s) %s", mine)
     if threads > 0:
         torch.set_num_threads(threads)  # the replica's own cores: replicas on one node do not fight over threads
     t0 = time.perf_counter()
@@ -259,8 +298,10 @@ class _Replica:
     def _setup(self, spec: dict) -> None:
         self.spec = ModelSpec.from_dict(spec)
         self.config = self.spec.serve_config()
-        self.replica_id = serve.get_replica_context().replica_tag
-        self.model = load_model(self.spec, self.config)
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_tag
+        rank = getattr(ctx, "rank", None)
+        self.model = load_model(self.spec, self.config, getattr(rank, "local_rank", 0) or 0)
         self._closed = False
         self._progress = (-1, -1, time.monotonic())  # (tokens, requests done, when they last moved)
 
@@ -295,8 +336,9 @@ class _Replica:
         import torch
 
         st = self.asgi.state
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         return {"replica": self.replica_id, "model": self.config.model_id, "torch_threads": torch.get_num_threads(),
-                "ready": st.ready.is_set(), "draining": st.draining, "engine": st.backend.stats() if st.backend else {}}
+                "cores": cores, "ready": st.ready.is_set(), "draining": st.draining, "engine": st.backend.stats() if st.backend else {}}
 
     def _close_model(self) -> None:
         # After Ray's drain and the app's shutdown (which closes the model already); idempotent.
