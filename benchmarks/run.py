@@ -3,7 +3,7 @@
 One process, the same deterministic weights for every mode, for the original model and Turbo:
 
     python benchmarks/run.py                       # full-size models, CPU or the CUDA device
-    python benchmarks/run.py --config tiny         # small T3 backbones (CI smoke run)
+    python benchmarks/run.py --config tiny         # 2-layer T3s, 2 CFM steps (CI smoke run)
     python benchmarks/run.py --models original --modes ours_eager,ours_compiled_fp32 --seconds 4
 
 Per model and mode it reports T3 tokens/s, S3Gen milliseconds per second of audio, the
@@ -49,7 +49,9 @@ def build(model: str, config: str, device: str, workdir: Path):
     spec = get_spec(model)
     seconds = 10.0 if config == "full" else (5.5 if spec.meanflow else 2.0)  # the pipelines use up to 10 s
     if config == "tiny":
-        return tiny_model(spec.kind, workdir / f"tiny_{spec.kind}", device=device, ref_seconds=seconds)
+        # smoke runs: 2-layer T3, and 2 flow steps for CFM models (the same graphs, a fifth of the work)
+        return tiny_model(spec.kind, workdir / f"tiny_{spec.kind}", device=device, ref_seconds=seconds,
+                          cfm_steps=None if spec.meanflow else 2)
     hp = getattr(T3Config, spec.t3_config)()
     with torch.device("meta"):
         shell = T3(hp)

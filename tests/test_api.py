@@ -72,11 +72,9 @@ def test_generate_with_builtin_voice_and_prompt(loaded, ref_path):
 def test_same_seed_same_audio(loaded):
     kind, _, model = loaded
     a = speak(model, kind, "Same seed, same audio.", seed=123)
-    b = speak(model, kind, "Same seed, same audio.", seed=123)
-    assert torch.equal(a, b)
-    g = torch.Generator().manual_seed(123)
+    g = torch.Generator().manual_seed(123)  # a second run, seeded the other way: the same audio again
     c = speak(model, kind, "Same seed, same audio.", generator=g)
-    assert torch.equal(a, c)
+    assert torch.equal(a, c) and a.abs().max() > 1e-3
 
 
 def test_conditionals_round_trip(loaded, tmp_path):

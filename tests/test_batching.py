@@ -232,7 +232,7 @@ def test_long_text_is_split_batched_and_joined(models):
 
     model = models("nano")
     text = " ".join(["This is sentence number %d, and it carries a few more words to be long enough." % i
-                     for i in range(12)])
+                     for i in range(6)])
     pieces = split_text(text)
     assert len(pieces) >= 3
     steps0 = model.scheduler.steps

@@ -252,7 +252,9 @@ def test_compiled_matches_eager_on_two_lengths(meanflow):
     """Inductor, fullgraph, static shapes: encoder, estimator and the whole flow vs eager at two lengths.
 
     The meanflow variant compiles only the whole flow, at one length (its encoder is the same code,
-    and its estimator, r input included, is inside that graph): compile time dominates CI time.
+    and its estimator, r input included, is inside that graph); the CFM encoder and estimator are
+    compiled on their own at the first length only (the whole flow's graph holds them at the second):
+    compile time dominates CI time.
     """
     full = os.environ.get("CHATTERBOX_FULL_COMPILE_TESTS") == "1"
     flow = build_flow(meanflow, tiny=not full)
@@ -268,7 +270,7 @@ def test_compiled_matches_eager_on_two_lengths(meanflow):
     feat, emb = torch.randn(1, 2 * p, 80, generator=g), torch.randn(1, 192, generator=g)
     for n in (6,) if meanflow and not full else (6, 11):
         T = 2 * (n + p)
-        if not meanflow or full:
+        if full or (not meanflow and n == 6):
             x = torch.randn(1, n + p, flow.input_size, generator=g)
             lens = torch.tensor([n + p])
             err = rel_err(enc(x, lens)[0], flow.encoder(x, lens)[0])
