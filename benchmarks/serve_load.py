@@ -195,11 +195,16 @@ def main(argv=None) -> int:
     if len(rows) == 2 and rows[0]["req_per_s"]:
         summary["speedup"] = rows[1]["req_per_s"] / rows[0]["req_per_s"]
         print(f"\nconcurrent / sequential throughput: {summary['speedup']:.2f}x")
+    return finish(rows, summary, a.json)
+
+
+def finish(rows: list, summary: dict, json_path: Optional[str]) -> int:
+    """Print each run's errors, write the JSON summary; exit status 0 only when no request failed."""
     for r in rows:
         for e in r["errors"]:
             print(f"  {r['name']} error: {e}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=1))
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -13,7 +13,6 @@ before and after each run: the cores are shared, so say what the load was.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -135,12 +134,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  {r['replicas']} replica(s): " + ", ".join(f"{k} cores {v['cores']} requests {v['requests_done']}"
                                                         for k, v in r["per_replica"].items()))
-    for r in rows:
-        for e in r["errors"]:
-            print(f"  {r['name']} error: {e}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
-    return 0 if all(r["failed"] == 0 for r in rows) else 1
+    return serve_load.finish(rows, summary, a.json)
 
 
 if __name__ == "__main__":
