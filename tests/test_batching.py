@@ -98,7 +98,7 @@ def test_stop_token_rows_end_while_others_continue(models):
         assert torch.equal(a, model._valid_speech(b))
 
 
-@pytest.mark.parametrize("kind", ["english", "nano"])
+@pytest.mark.parametrize("kind", ["english", pytest.param("nano", marks=pytest.mark.extended)])
 def test_generate_batch_rows_equal_generate(kind, models, second_voice):
     model = models(kind)
     other = model.make_conditionals(second_voice)

@@ -156,8 +156,8 @@ def test_inductor_matches_eager():
     apply_det_weights(nn.ModuleDict({"mel2wav": small}))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    f0p = torch.compile(small.f0_predictor, fullgraph=True)
-    src = torch.compile(small.source, fullgraph=True)
+    f0p = torch.compile(small.f0_predictor, fullgraph=True, dynamic=True)
+    src = torch.compile(small.source, fullgraph=True, dynamic=True)
     dec = torch.compile(small.decode, fullgraph=True, dynamic=True)
     mel = load_fixture("s3gen")[0]["mel"]
     g = torch.Generator().manual_seed(0)

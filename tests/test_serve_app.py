@@ -69,7 +69,9 @@ class FakeTTS:
 
     def engine_stats(self) -> dict:
         return {"queue_depth": self.waiting, "active": self.active, "max_batch": self._max_batch,
-                "tokens_generated": self.tokens, "requests_done": self.done}
+                "tokens_generated": self.tokens, "requests_done": self.done,
+                "prefix_cache_hits": max(self.done - 1, 0), "prefix_cache_misses": min(self.done, 1),
+                "prefix_cache_bytes": 1024 * min(self.done, 1)}
 
     def close(self) -> None:
         self.closed = True
@@ -635,6 +637,9 @@ def test_metrics_are_per_app_and_count(server, fake, voices_dir):
     assert "chatterbox_queue_depth 0.0" in text and "chatterbox_active_slots 0.0" in text
     assert "chatterbox_max_batch 4.0" in text and "chatterbox_tokens_generated_total 20.0" in text
     assert "chatterbox_tokens_per_second" in text
+    done = int(float(re.search(r"^chatterbox_engine_requests_done_total (\S+)$", text, re.M).group(1)))
+    assert done >= 2 and f"chatterbox_voice_prefix_cache_hits_total {float(done - 1)}" in text
+    assert "chatterbox_voice_prefix_cache_misses_total 1.0" in text and "chatterbox_voice_prefix_cache_bytes 1024.0" in text
     secs = float(re.search(r"^chatterbox_generated_audio_seconds_total (\S+)$", text, re.M).group(1))
     assert abs(secs - 0.2) < 1e-6  # two one-word requests of 0.1 s
     with serve(FakeTTS(), voices_dir) as other:  # a second app has its own registry

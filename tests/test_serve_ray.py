@@ -337,6 +337,7 @@ def _running_replicas(app: str, deployment: str) -> int:
     return d.replica_states.get("RUNNING", 0) if d.status == "HEALTHY" else 0
 
 
+@pytest.mark.extended
 def test_killed_replica_is_replaced_in_flight_requests_get_5xx_never_hang(two, refs):
     victim = speak(two, 0)[1]
     with cf.ThreadPoolExecutor(8) as ex:
@@ -378,6 +379,7 @@ def test_killed_replica_is_replaced_in_flight_requests_get_5xx_never_hang(two, r
 
 
 # ------------------------------------------------------------------------------------ several kinds
+@pytest.mark.extended
 def test_two_kinds_routed_by_model_and_drained_on_delete(cluster, ckpt, refs, tmp_path):
     """Deployments chatterbox-nano and chatterbox-turbo behind the router. (The test loads the same Nano weights
     for "turbo" through the factory option: what is tested is the routing, not Turbo.)"""

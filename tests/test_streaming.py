@@ -63,7 +63,8 @@ def max_jump(x: np.ndarray) -> float:
     return float(np.abs(np.diff(x)).max()) if x.size > 1 else 0.0
 
 
-@pytest.mark.parametrize("kind", ["nano", "english", "multilingual"])
+@pytest.mark.parametrize("kind", ["english", pytest.param("nano", marks=pytest.mark.extended),
+                                  pytest.param("multilingual", marks=pytest.mark.extended)])
 def test_stream_equals_generate_in_tokens_and_length(kind, models):
     model = models(kind)
     handles = spy_tokens(model)
@@ -81,7 +82,7 @@ def test_stream_equals_generate_in_tokens_and_length(kind, models):
     assert all(c.shape[0] == 1 and c.shape[1] > 0 for c in chunks)
 
 
-@pytest.mark.parametrize("kind", ["nano", "english"])
+@pytest.mark.parametrize("kind", ["english", pytest.param("nano", marks=pytest.mark.extended)])
 def test_stream_quality_against_offline_and_smooth_seams(kind, models):
     """Same tokens, same noise sources: the stream's log-mel stays close to the offline one, and no
     boundary has a jump larger than the largest jump inside the chunks.

@@ -316,7 +316,8 @@ class EngineBase:
         return T3Cond(speaker_emb=c.speaker_emb, clap_emb=c.clap_emb,
                       cond_prompt_speech_tokens=c.cond_prompt_speech_tokens,
                       cond_prompt_speech_emb=c.cond_prompt_speech_emb,
-                      emotion_adv=torch.full((1, 1, 1), _finite("exaggeration", exaggeration), device=self.device))
+                      # on the host: T3 moves it; the decoder's voice-prefix cache keys it by value
+                      emotion_adv=torch.full((1, 1, 1), _finite("exaggeration", exaggeration)))
 
     # -------------------------------------------------------------- per-model hooks
     def _text_ids(self, text: str, language: Optional[str]) -> torch.Tensor:

@@ -19,11 +19,12 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 import torch
 
-from .t3_decoder import DecodeRequest, T3Decoder, backbone_positions, round_up
+from .t3_decoder import LEN_BUCKET, DecodeRequest, PackedLinears, PrefixCache, T3Decoder, backbone_positions, round_up
 
 logger = logging.getLogger(__name__)
 
 MIN_CACHE_LEN = 1024  # the decoder's first cache length; it grows (when idle) for longer requests
+EAGER_KV_GRANULARITY = 32  # attention-length rounding of an uncompiled step (no shapes to keep stable)
 
 
 class RequestCancelled(RuntimeError):
@@ -129,7 +130,7 @@ class Scheduler:
 
     def __init__(self, t3, *, max_batch: int = 4, max_len: Optional[int] = None,
                  row_buckets: Optional[tuple[int, ...]] = None, kv_buckets: Optional[tuple[int, ...]] = None,
-                 name: str = "chatterbox-t3"):
+                 name: str = "chatterbox-t3", prefix_cache_bytes: int = 256 * 2 ** 20, cpu_prepack: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.t3 = t3
@@ -139,6 +140,11 @@ class Scheduler:
         self._max_len = max_len
         self.step_fn_factory: Optional[Callable[[T3Decoder], Callable]] = None  # compile policy hook (runtime.compile)
         self.decoder: Optional[T3Decoder] = None
+        # voice prefixes' keys/values, kept across decoder rebuilds (0 bytes: computed per request)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # CPU eager decoding: linear weights prepacked for oneDNN (a second copy in host memory), kept across rebuilds
+        self.cpu_prepack = cpu_prepack
+        self._packed: Optional[PackedLinears] = None
         self._cv = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._cancels: list[RequestHandle] = []
@@ -178,16 +184,25 @@ class Scheduler:
         max_len = max(self._max_len or 0, round_up(need), MIN_CACHE_LEN if self._max_len is None else 0)
         max_len = min(max_len, backbone_positions(self.t3))
         dec = T3Decoder(self.t3, slots=self.slots, max_len=max_len, row_buckets=self.row_buckets,
-                        kv_buckets=self.kv_buckets)
+                        kv_buckets=self.kv_buckets, prefix_cache=self.prefix_cache,
+                        # a compiled step brings its own kernels: packing is for the eager CPU step
+                        prepack=(self._packed or True) if self.cpu_prepack and self.step_fn_factory is None else None,
+                        kv_granularity=EAGER_KV_GRANULARITY if self.step_fn_factory is None else LEN_BUCKET)
+        if dec.packed is not None and dec.packed is not self._packed:
+            self._packed = dec.packed
+            logger.info("T3 linear weights prepacked for oneDNN (%.0f MiB of host memory)", dec.packed.nbytes() / 2 ** 20)
         if self.step_fn_factory is not None:
             dec.step_fn = self.step_fn_factory(dec)
-        logger.info("T3 decoder: %d slots x %d positions (%.0f MiB)", dec.slots, dec.max_len, dec.memory_bytes() / 2 ** 20)
+        logger.info("T3 decoder: %d slots x %d positions (%.0f MiB; voice prefix cache up to %.0f MiB)", dec.slots,
+                    dec.max_len, dec.memory_bytes() / 2 ** 20, self.prefix_cache.max_bytes / 2 ** 20)
         return dec
 
     def stats(self) -> dict:
         dec = self.decoder
         return dict(queue_depth=len(self._waiting), active=0 if dec is None else dec.active, max_batch=self.max_batch,
-                    tokens_generated=self.tokens_generated, requests_done=self.requests_done, steps=self.steps)
+                    tokens_generated=self.tokens_generated, requests_done=self.requests_done, steps=self.steps,
+                    prefix_cache_hits=self.prefix_cache.hits, prefix_cache_misses=self.prefix_cache.misses,
+                    prefix_cache_bytes=self.prefix_cache.nbytes())
 
     # ---------------------------------------------------------------- submission (any thread)
     def check(self, req: DecodeRequest) -> None:

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from ..models.t3.inference import sampling
 from ..models.t3.inference.sampling import SamplingParams
 
-__all__ = ["T3Decoder", "DecodeRequest", "SamplingParams", "SlotCache", "llama_request", "gpt_request",
-           "decode_one", "decode_all", "CollectSink"]
+__all__ = ["T3Decoder", "DecodeRequest", "SamplingParams", "SlotCache", "PrefixCache", "PackedLinears", "voice_key",
+           "llama_request",
+           "gpt_request", "decode_one", "decode_all", "CollectSink"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,67 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, p
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
+# ------------------------------------------------------------------------------------ CPU weight packing
+class PackedLinears:
+    """CPU: the backbone's linear weights reordered once for oneDNN, so small-batch matmuls run at memory speed.
+
+    MKL's GEMM re-packs a weight on every call at small batch: a Turbo decode step of 8 rows cost
+    3x one row (measured, 2-core CPU); with prepacked weights it costs about one row's weight read,
+    which is what batching is for. Costs a second copy of the backbone weights in host memory.
+    Built from one network's weights; `valid_for` says whether they are still those.
+    """
+
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype):
+        self.dtype = dtype
+        self._packed: dict[nn.Module, tuple[Tensor, Tensor, Optional[Tensor], int]] = {}
+        for m in modules:
+            w = m.weight if isinstance(m, nn.Linear) else m.weight.t().contiguous()  # Conv1D is (in, out)
+            self._packed[m] = (m.weight, torch.ops.mkldnn._reorder_linear_weight(w.detach()), m.bias, w.shape[0])
+
+    @staticmethod
+    def supported(device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def valid_for(self, modules: list[nn.Module], dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and len(modules) == len(self._packed) and all(
+            m in self._packed and self._packed[m][0] is m.weight for m in modules)
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w, *_ in self._packed.values())
+
+    def __call__(self, m: nn.Module, x: Tensor) -> Tensor:
+        entry = self._packed.get(m)
+        if entry is None:
+            return m(x)
+        _, packed, bias, out = entry
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], out)
+
+
+def _plain(m: nn.Module, x: Tensor) -> Tensor:
+    return m(x)
+
+
 # ------------------------------------------------------------------------------------ backbones
+def _prefill_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, start: int,
+                    pos: Tensor, scale: float) -> Tensor:
+    """Write a prefill's k/v (R, Hkv, L, Dh) at positions `pos` = start..start+L-1 of cache rows `rows`, and
+    attend q (R, H, L, Dh) causally over those rows' keys [0, start + L) (the cached prefix included)."""
+    length = q.shape[2]
+    k_cache[rows, :, start:start + length] = k
+    v_cache[rows, :, start:start + length] = v
+    gqa = q.shape[1] != k.shape[1]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    keys, values = k_cache[rows, :, :start + length], v_cache[rows, :, :start + length]
+    mask = torch.arange(start + length, device=q.device)[None, :] <= pos[:, None]  # (L, start + L)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 class Backbone(Protocol):
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor: ...
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None,
+                start: int = 0) -> Tensor: ...
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor: ...
 
 
@@ -123,6 +182,15 @@ class LlamaBackbone:
         self.inv_freq = rope.inv_freq.float().to(tfmr.norm.weight.device)
         self.rope_scaling = float(rope.attention_scaling)
         self.n_layers = len(self.layers)
+        self.lin: Callable[[nn.Module, Tensor], Tensor] = _plain  # or a PackedLinears (CPU)
+
+    def linears(self) -> list[nn.Module]:
+        return [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                     layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                                     layer.mlp.down_proj)]
+
+    def _mlp(self, mlp, x: Tensor) -> Tensor:
+        return self.lin(mlp.down_proj, mlp.act_fn(self.lin(mlp.gate_proj, x)) * self.lin(mlp.up_proj, x))
 
     def _cos_sin(self, pos: Tensor, dtype) -> tuple[Tensor, Tensor]:
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, Dh/2) float32
@@ -131,32 +199,32 @@ class LlamaBackbone:
 
     def _qkv(self, attn, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.lin(attn.q_proj, h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.lin(attn.k_proj, h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.lin(attn.v_proj, h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor:
-        """x (R, L, D) at positions 0..L-1 into cache rows `rows` (R,) -> last hidden state (R, D).
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None,
+                start: int = 0) -> Tensor:
+        """x (R, L, D) at positions start..start+L-1 into cache rows `rows` (R,) -> last hidden state (R, D).
 
-        `lengths` (R,): rows padded at the end (several requests prefilled together); padded keys are
-        never attended: real queries see only earlier keys (causal), each row's decode steps mask keys past
-        its own position and overwrite the padded cache entries as they go.
+        `start`: positions [0, start) of those rows already hold keys/values (a cached voice prefix),
+        which the new positions attend to. `lengths` (R,): rows padded at the end (several requests
+        prefilled together); padded keys are never attended: real queries see only earlier keys
+        (causal), each row's decode steps mask keys past its own position and overwrite the padded
+        cache entries as they go.
         """
         r, length, _ = x.shape
-        pos = torch.arange(length, device=x.device)[None].expand(r, -1)
-        cos, sin = self._cos_sin(pos, x.dtype)
+        pos = start + torch.arange(length, device=x.device)
+        cos, sin = self._cos_sin(pos[None].expand(r, -1), x.dtype)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv(layer.self_attn, h)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc, vc = cache.layer(i)
-            kc[rows, :, :length] = k
-            vc[rows, :, :length] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                               enable_gqa=self.n_heads != self.n_kv)
-            x = x + layer.self_attn.o_proj(a.transpose(1, 2).reshape(r, length, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            a = _prefill_attend(q, k, v, kc, vc, rows, start, pos, self.scale)
+            x = x + self.lin(layer.self_attn.o_proj, a.transpose(1, 2).reshape(r, length, -1))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
         return self.norm(_last(x, lengths))
 
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor:
@@ -168,8 +236,8 @@ class LlamaBackbone:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc, vc = cache.layer(i)
             a = _attend(q, kc, vc, k, v, pos, kv_len, n, self.scale)
-            x = x + layer.self_attn.o_proj(a.transpose(1, 2).reshape(n, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self.lin(layer.self_attn.o_proj, a.transpose(1, 2).reshape(n, 1, -1))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
         return self.norm(x[:, -1])
 
 
@@ -186,25 +254,32 @@ class GPT2Backbone:
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
             raise NotImplementedError("GPT-2 attention variants other than the standard one are not supported")
         self.n_layers = len(self.blocks)
+        self.lin: Callable[[nn.Module, Tensor], Tensor] = _plain  # or a PackedLinears (CPU)
+
+    def linears(self) -> list[nn.Module]:
+        return [m for b in self.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+
+    def _mlp(self, mlp, x: Tensor) -> Tensor:
+        return self.lin(mlp.c_proj, mlp.act(self.lin(mlp.c_fc, x)))  # dropout: identity in eval
 
     def _qkv(self, attn, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = h.shape
-        q, k, v = attn.c_attn(h).split(self.dim, dim=2)
+        q, k, v = self.lin(attn.c_attn, h).split(self.dim, dim=2)
         shape = (b, t, self.n_heads, self.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
-    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None) -> Tensor:
+    def prefill(self, x: Tensor, rows: Tensor, cache: SlotCache, lengths: Optional[Tensor] = None,
+                start: int = 0) -> Tensor:
         """As `LlamaBackbone.prefill`, with GPT-2's learned positions."""
         r, length, _ = x.shape
-        x = x + self.wpe(torch.arange(length, device=x.device))[None]
+        pos = start + torch.arange(length, device=x.device)
+        x = x + self.wpe(pos)[None]
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block.attn, block.ln_1(x))
             kc, vc = cache.layer(i)
-            kc[rows, :, :length] = k
-            vc[rows, :, :length] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            x = x + block.attn.c_proj(a.transpose(1, 2).reshape(r, length, -1))
-            x = x + block.mlp(block.ln_2(x))
+            a = _prefill_attend(q, k, v, kc, vc, rows, start, pos, self.scale)
+            x = x + self.lin(block.attn.c_proj, a.transpose(1, 2).reshape(r, length, -1))
+            x = x + self._mlp(block.mlp, block.ln_2(x))
         return self.ln_f(_last(x, lengths))
 
     def step(self, x: Tensor, pos: Tensor, cache: SlotCache, n: int, kv_len: int) -> Tensor:
@@ -213,13 +288,102 @@ class GPT2Backbone:
             q, k, v = self._qkv(block.attn, block.ln_1(x))
             kc, vc = cache.layer(i)
             a = _attend(q, kc, vc, k, v, pos, kv_len, n, self.scale)
-            x = x + block.attn.c_proj(a.transpose(1, 2).reshape(n, 1, -1))
-            x = x + block.mlp(block.ln_2(x))
+            x = x + self.lin(block.attn.c_proj, a.transpose(1, 2).reshape(n, 1, -1))
+            x = x + self._mlp(block.mlp, block.ln_2(x))
         return self.ln_f(x[:, -1])
 
 
 def make_backbone(t3) -> Backbone:
     return GPT2Backbone(t3.tfmr, t3.cfg) if t3.is_gpt else LlamaBackbone(t3.tfmr, t3.cfg)
+
+
+# ------------------------------------------------------------------------------------ voice prefix cache
+def voice_key(t3_cond) -> tuple:
+    """What a voice's conditioning prefix depends on (besides the network): one key per voice and exaggeration.
+
+    Small CPU tensors (the exaggeration) count by value; other tensors by identity and version (an
+    in-place change makes a new key; inference-mode tensors have no version: replace, don't mutate,
+    a voice's tensors). The key holds the tensors, so their ids cannot be reused while it is cached.
+    """
+    parts = []
+    for name in ("speaker_emb", "clap_emb", "cond_prompt_speech_tokens", "cond_prompt_speech_emb", "emotion_adv"):
+        v = getattr(t3_cond, name, None)
+        if torch.is_tensor(v) and v.device.type == "cpu" and v.numel() <= 16:
+            parts.append((name, "value", str(v.dtype), tuple(v.shape), tuple(v.reshape(-1).tolist())))
+        elif torch.is_tensor(v):
+            parts.append((name, "tensor", v, None if v.is_inference() else v._version))
+        else:
+            parts.append((name, "value", v))
+    return tuple(parts)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if len(x) != len(y) or x[1] != y[1]:
+            return False
+        if x[1] == "tensor":
+            if x[2] is not y[2] or x[3] != y[3]:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    """A voice prefix's keys/values: per layer (kv_heads, P, head_dim)."""
+
+    key: tuple
+    length: int
+    dtype: torch.dtype
+    device: torch.device
+    k: list[Tensor]
+    v: list[Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+class PrefixCache:
+    """Least-recently-used voice prefixes, bounded in bytes (device memory). Used from one thread.
+
+    The voice prompt is the leading part of every prefill (250 of ~280 positions for Turbo) and the
+    same for every request with that voice: computing its keys/values once turns the per-request
+    prefill into a short one over the text. Entries are bound to one network's weights and dtype.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2 ** 20):
+        self.max_bytes = max_bytes
+        self._entries: list[PrefixEntry] = []  # most recently used last
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, length: int, dtype: torch.dtype, device: torch.device) -> Optional[PrefixEntry]:
+        for i, e in enumerate(self._entries):
+            if e.length == length and e.dtype == dtype and e.device == device and _same_key(e.key, key):
+                self._entries.append(self._entries.pop(i))
+                self.hits += 1
+                return e
+        self.misses += 1
+        return None
+
+    def put(self, entry: PrefixEntry) -> None:
+        if entry.nbytes() > self.max_bytes:
+            return
+        self._entries.append(entry)
+        while self.nbytes() > self.max_bytes:
+            self._entries.pop(0)
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes() for e in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 # ------------------------------------------------------------------------------------ requests
@@ -228,6 +392,8 @@ class DecodeRequest:
     """What one T3 request needs: its prefill embeddings and how to sample.
 
     prefill: (R, L0, D) on the model device, R = 2 with CFG (row 1 unconditional), else 1.
+    prefix_len: the first `prefix_len` positions (speaker, voice prompt, emotion) are prefilled on
+    their own, so that requests with the same voice reuse their keys/values (`PrefixCache`).
     seen_first: token ids the repetition penalty applies to in the first draw (upstream: the start token).
     reset_seen_after_first: Turbo forgets `seen_first` after the first draw (upstream's quirk).
     """
@@ -238,6 +404,8 @@ class DecodeRequest:
     generator: Optional[torch.Generator] = None
     seen_first: tuple[int, ...] = ()
     reset_seen_after_first: bool = False
+    prefix_len: int = 0  # leading prefill positions that are the voice's conditioning (identical in every row)
+    prefix_key: Optional[tuple] = None  # identifies that prefix (`voice_key`): its keys/values are cached by it
 
     @property
     def rows(self) -> int:
@@ -299,13 +467,24 @@ class T3Decoder:
 
     def __init__(self, t3, *, slots: int, max_len: int, row_buckets: Optional[tuple[int, ...]] = None,
                  kv_buckets: Optional[tuple[int, ...]] = None, stop_check_interval: Optional[int] = None,
-                 async_delivery: Optional[bool] = None):
+                 async_delivery: Optional[bool] = None, prefix_cache: Optional[PrefixCache] = None,
+                 prepack: "bool | PackedLinears | None" = None, kv_granularity: int = LEN_BUCKET):
         self.t3 = t3
+        self.prefix_cache = prefix_cache  # None: voice prefixes are computed per request, not kept
         self.is_gpt = t3.is_gpt
         self.device, self.dtype = t3.device, t3.dtype
         self.vocab = t3.hp.speech_tokens_dict_size
         self.stop_token = t3.hp.stop_speech_token
         self.backbone = make_backbone(t3)
+        # CPU: prepacked linear weights (True: pack now; a PackedLinears: reuse it if still valid)
+        self.packed: Optional[PackedLinears] = None
+        if prepack and PackedLinears.supported(self.device, self.dtype):
+            mods = self.backbone.linears()  # the speech head stays a module call (2 % of the weights; hooks work)
+            if isinstance(prepack, PackedLinears) and prepack.valid_for(mods, self.dtype):
+                self.packed = prepack
+            else:
+                self.packed = PackedLinears(mods, self.dtype)
+            self.backbone.lin = self.packed
         self.step_fn: Callable = self._step  # the runtime may install a compiled version (same signature)
         self.cuda = self.device.type == "cuda"
         self.interval = stop_check_interval or (8 if self.cuda else 1)
@@ -317,6 +496,9 @@ class T3Decoder:
         if self.row_buckets[-1] != slots:
             raise ValueError(f"row_buckets must end at slots={slots}, got {self.row_buckets}")
         self.kv_buckets = tuple(sorted(kv_buckets)) if kv_buckets else None
+        # without kv_buckets the attention length is rounded up to this: an eager step has no shape to
+        # keep, and reading the cache is a large part of a batched step (memory-bound), so it can be fine
+        self.kv_granularity = kv_granularity
         self._allocate()
         self._rows: list[_Row] = []  # admitted, not yet fully delivered
         self._by_slot: dict[int, _Row] = {}
@@ -471,23 +653,57 @@ class T3Decoder:
             self._fill_noise(row, 0)
             self._fill_noise(row, 1)
             rows_all.append(row)
-        length = max(req.prompt_len for req, _ in items)
-        x = torch.zeros(sum(req.rows for req, _ in items), length, self.t3.dim, device=dev, dtype=self.dtype)
-        lengths, slot_ids, k = [], [], 0
+        # the voice prefixes' keys/values go into each request's rows [0, P); the rest is prefilled
+        # after them, one padded backbone call per prefix length
+        groups: dict[int, list[_Row]] = {}
         for row in rows_all:
-            r, n = row.req.rows, row.req.prompt_len
-            x[k:k + r, :n] = row.req.prefill.to(self.dtype)
-            lengths += [n] * r
-            slot_ids += row.slots
-            k += r
-        slots_t = torch.tensor(slot_ids, device=dev)
-        lengths_t = None if min(lengths) == length else torch.tensor(lengths, device=dev)
-        hidden = self.backbone.prefill(x, slots_t, self.cache, lengths_t)
-        logits = self.t3.speech_head(hidden)  # (rows, V)
-        k = 0
+            if row.req.prefix_len:
+                self._put_prefix(row)
+            groups.setdefault(row.req.prefix_len, []).append(row)
+        logits_of: dict[int, Tensor] = {}
+        for start, rows in groups.items():
+            length = max(r.req.prompt_len - start for r in rows)
+            x = torch.zeros(sum(r.req.rows for r in rows), length, self.t3.dim, device=dev, dtype=self.dtype)
+            lengths, slot_ids, k = [], [], 0
+            for row in rows:
+                r, n = row.req.rows, row.req.prompt_len - start
+                x[k:k + r, :n] = row.req.prefill[:, start:].to(self.dtype)
+                lengths += [n] * r
+                slot_ids += row.slots
+                k += r
+            slots_t = torch.tensor(slot_ids, device=dev)
+            lengths_t = None if min(lengths) == length else torch.tensor(lengths, device=dev)
+            hidden = self.backbone.prefill(x, slots_t, self.cache, lengths_t, start=start)
+            logits = self.t3.speech_head(hidden)  # (rows, V)
+            k = 0
+            for row in rows:
+                logits_of[id(row)] = logits[k:k + row.req.rows]
+                k += row.req.rows
         for row in rows_all:
-            self._start(row, logits[k:k + row.req.rows])
-            k += row.req.rows
+            self._start(row, logits_of[id(row)])
+
+    def _put_prefix(self, row: _Row) -> None:
+        """Fill the row's slots [0, P) with its voice prefix's keys/values (from the cache, else computed alone)."""
+        req, P = row.req, row.req.prefix_len
+        if not 0 < P < req.prompt_len:
+            raise ValueError(f"prefix_len must be in [1, prompt_len), got {P} for a {req.prompt_len}-position prompt")
+        cache = self.prefix_cache if req.prefix_key is not None else None
+        entry = cache.get(req.prefix_key, P, self.dtype, self.device) if cache is not None else None
+        slots_t = torch.tensor(row.slots, device=self.device)
+        if entry is None:
+            # always computed on its own (batch 1, P positions): the same keys/values whether it was
+            # cached or not, and whatever the request is batched with
+            self.backbone.prefill(req.prefill[:1, :P].to(self.dtype), slots_t[:1], self.cache, None)
+            s = row.slots[0]
+            ks = [self.cache.layer(i)[0][s, :, :P].clone() for i in range(self.cache.n_layers)]
+            vs = [self.cache.layer(i)[1][s, :, :P].clone() for i in range(self.cache.n_layers)]
+            entry = PrefixEntry(req.prefix_key, P, self.dtype, self.device, ks, vs)
+            if cache is not None:
+                cache.put(entry)
+        for i in range(self.cache.n_layers):
+            kc, vc = self.cache.layer(i)
+            kc[slots_t, :, :P] = entry.k[i]
+            vc[slots_t, :, :P] = entry.v[i]
 
     def _start(self, row: _Row, logits: Tensor) -> None:
         """Sample a prefilled request's first token from its logits (R, V) and set up its rows' state."""
@@ -553,7 +769,7 @@ class T3Decoder:
             for b in buckets:
                 if need <= b:
                     return b
-        return min(round_up(need), cap)
+        return min(round_up(need, self.kv_granularity), cap)
 
     def shape_for_step(self) -> tuple[int, int]:
         """(active-prefix rows n, attention length) the next step runs with."""
@@ -731,9 +947,10 @@ def llama_request(t3, t3_cond, text_tokens: Tensor, params: SamplingParams, max_
     t3.check_text_tokens(text_tokens)
     params.validate(gpt=False)
     max_new_tokens = _check_max_new(t3, max_new_tokens)
-    prefill = t3.prefill_embeds(t3_cond, text_tokens, cfg_weight=params.cfg_weight,
-                                initial_speech_tokens=initial_speech_tokens)
-    return DecodeRequest(prefill, params, max_new_tokens, generator, seen_first=(t3.hp.start_speech_token,))
+    prefill, P = t3.prefill_parts(t3_cond, text_tokens, cfg_weight=params.cfg_weight,
+                                  initial_speech_tokens=initial_speech_tokens)
+    return DecodeRequest(prefill, params, max_new_tokens, generator, seen_first=(t3.hp.start_speech_token,),
+                         prefix_len=P, prefix_key=voice_key(t3_cond))
 
 
 def gpt_request(t3, t3_cond, text_tokens: Tensor, params: SamplingParams, max_new_tokens: int,
@@ -742,9 +959,9 @@ def gpt_request(t3, t3_cond, text_tokens: Tensor, params: SamplingParams, max_ne
     t3.check_text_tokens(text_tokens, check_bot_eot=False)
     params.validate(gpt=True)
     max_new_tokens = _check_max_new(t3, max_new_tokens)
-    prefill = t3.prefill_embeds(t3_cond, text_tokens)
+    prefill, P = t3.prefill_parts(t3_cond, text_tokens)
     return DecodeRequest(prefill, params, max_new_tokens, generator, seen_first=(t3.hp.start_speech_token,),
-                         reset_seen_after_first=True)
+                         reset_seen_after_first=True, prefix_len=P, prefix_key=voice_key(t3_cond))
 
 
 def backbone_positions(t3) -> int:

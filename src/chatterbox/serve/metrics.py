@@ -64,6 +64,14 @@ class _EngineCollector:
                                   value=int(s.get("requests_done", 0)))
         yield GaugeMetricFamily("chatterbox_tokens_per_second", "Speech tokens decoded per second (between scrapes)",
                                 value=self._tokens_per_second(tokens))
+        yield CounterMetricFamily("chatterbox_voice_prefix_cache_hits",
+                                  "Requests whose voice prefix keys/values came from the cache",
+                                  value=int(s.get("prefix_cache_hits", 0)))
+        yield CounterMetricFamily("chatterbox_voice_prefix_cache_misses",
+                                  "Requests whose voice prefix was prefilled (then cached)",
+                                  value=int(s.get("prefix_cache_misses", 0)))
+        yield GaugeMetricFamily("chatterbox_voice_prefix_cache_bytes", "Device memory held by cached voice prefixes",
+                                value=float(s.get("prefix_cache_bytes", 0)))
 
 
 class ServeMetrics:

@@ -188,6 +188,12 @@ class T3(nn.Module):
         Llama: [cond | text | start-of-speech] plus the start token appended again (both at speech
         position 0). GPT-2: [cond | text | start-of-speech].
         """
+        return self.prefill_parts(t3_cond, text_tokens, cfg_weight=cfg_weight,
+                                  initial_speech_tokens=initial_speech_tokens)[0]
+
+    def prefill_parts(self, t3_cond: T3Cond, text_tokens: Tensor, *, cfg_weight: float = 0.0,
+                      initial_speech_tokens: Optional[Tensor] = None) -> tuple[Tensor, int]:
+        """`prefill_embeds` and the length of its conditioning prefix (the same in every row, per voice)."""
         device = self.device
         text = torch.atleast_2d(text_tokens).to(device=device, dtype=torch.long)[:1]
         B = 2 if (cfg_weight > 0.0 and not self.is_gpt) else 1
@@ -196,12 +202,12 @@ class T3(nn.Module):
             speech = torch.full((B, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
         else:
             speech = torch.atleast_2d(initial_speech_tokens).to(device=device, dtype=torch.long)[:1].expand(B, -1)
-        embeds, _ = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text, speech_tokens=speech,
-                                              cfg_weight=cfg_weight if not self.is_gpt else 0.0)
+        embeds, len_cond = self.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text, speech_tokens=speech,
+                                                     cfg_weight=cfg_weight if not self.is_gpt else 0.0)
         if self.is_gpt:
-            return embeds
+            return embeds, len_cond
         bos_emb = self.speech_emb.weight[self.hp.start_speech_token] + self.speech_pos_emb.emb.weight[0]
-        return torch.cat([embeds, bos_emb.view(1, 1, -1).expand(B, 1, -1)], dim=1)
+        return torch.cat([embeds, bos_emb.view(1, 1, -1).expand(B, 1, -1)], dim=1), len_cond
 
     # ------------------------------------------------------------------ upstream-compatible decoding
     @torch.inference_mode()
