@@ -99,6 +99,19 @@ def test_batch_benchmark_smoke(tmp_path):
         assert r["e2e_audio_s_per_s_batched"] > 0 and r["max_wav_rel_diff"] <= 1e-3  # batched rows = requests
 
 
+def test_where_time_goes_smoke():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import where_time_goes as bench
+
+    res = bench.main(["--config", "tiny", "--model", "nano", "--rows", "1,2", "--plain", "--split", "--tokens", "6",
+                      "--device", "cpu"])
+    assert [r["requests"] for r in res["packed"]] == [1, 2] == [r["requests"] for r in res["plain"]]
+    assert all(r["prepacked"] for r in res["packed"]) and not any(r["prepacked"] for r in res["plain"])
+    assert all(r["step_s"] > 0 and r["prefill_s"] > 0 and 0 < r["prefix_len"] < r["prompt_len"] for r in res["packed"])
+    sp = res["split"]
+    assert 0 < sp["t3_only_s"] < sp["generate_s"] and sp["stream_chunks"] >= 1 and sp["tokens"] >= 1
+
+
 def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     """`gpu_check.py --device cpu --tiny` runs the GPU check's code end to end so the script never rots."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
