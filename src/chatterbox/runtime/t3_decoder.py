@@ -33,8 +33,7 @@ from ..models.t3.inference import sampling
 from ..models.t3.inference.sampling import SamplingParams
 
 __all__ = ["T3Decoder", "DecodeRequest", "SamplingParams", "SlotCache", "PrefixCache", "PackedLinears", "voice_key",
-           "llama_request",
-           "gpt_request", "decode_one", "decode_all", "CollectSink"]
+           "llama_request", "gpt_request", "decode_one", "decode_all", "CollectSink"]
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +348,7 @@ class PrefixEntry:
 class PrefixCache:
     """Least-recently-used voice prefixes, bounded in bytes (device memory). Used from one thread.
 
-    The voice prompt is the leading part of every prefill (250 of ~280 positions for Turbo) and the
+    The voice prompt is the leading part of every prefill (251 of 305 positions for Turbo) and the
     same for every request with that voice: computing its keys/values once turns the per-request
     prefill into a short one over the text. Entries are bound to one network's weights and dtype.
     """
@@ -604,6 +603,9 @@ class T3Decoder:
                              "(max_cache_len); shorten the text (split_text=True) or lower max_new_tokens")
         if req.prefill.device != self.device or req.prefill.shape[-1] != self.t3.dim:
             raise ValueError("prefill embeddings must be (R, L, D) on the model device")
+        if req.prefix_len and not 0 < req.prefix_len < req.prompt_len:
+            raise ValueError(f"prefix_len must be in [1, prompt_len), got {req.prefix_len} for a "
+                             f"{req.prompt_len}-position prompt")
 
     def can_admit(self, req: DecodeRequest) -> bool:
         return len(self._free) >= req.rows
@@ -685,11 +687,10 @@ class T3Decoder:
     def _put_prefix(self, row: _Row) -> None:
         """Fill the row's slots [0, P) with its voice prefix's keys/values (from the cache, else computed alone)."""
         req, P = row.req, row.req.prefix_len
-        if not 0 < P < req.prompt_len:
-            raise ValueError(f"prefix_len must be in [1, prompt_len), got {P} for a {req.prompt_len}-position prompt")
         cache = self.prefix_cache if req.prefix_key is not None else None
         entry = cache.get(req.prefix_key, P, self.dtype, self.device) if cache is not None else None
         slots_t = torch.tensor(row.slots, device=self.device)
+        fill = slots_t
         if entry is None:
             # always computed on its own (batch 1, P positions): the same keys/values whether it was
             # cached or not, and whatever the request is batched with
@@ -700,10 +701,12 @@ class T3Decoder:
             entry = PrefixEntry(req.prefix_key, P, self.dtype, self.device, ks, vs)
             if cache is not None:
                 cache.put(entry)
-        for i in range(self.cache.n_layers):
-            kc, vc = self.cache.layer(i)
-            kc[slots_t, :, :P] = entry.k[i]
-            vc[slots_t, :, :P] = entry.v[i]
+            fill = slots_t[1:]  # the first slot holds it already
+        if fill.numel():
+            for i in range(self.cache.n_layers):
+                kc, vc = self.cache.layer(i)
+                kc[fill, :, :P] = entry.k[i]
+                vc[fill, :, :P] = entry.v[i]
 
     def _start(self, row: _Row, logits: Tensor) -> None:
         """Sample a prefilled request's first token from its logits (R, V) and set up its rows' state."""
